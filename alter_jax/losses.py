@@ -1,0 +1,378 @@
+"""Every ALTER / baseline loss as a small pure function over logits, targets and masks.
+
+Conventions (WORKSPACE.md):
+
+* Model outputs are ``logits: float[B, T, V]``; data carries *unshifted* HF labels
+  ``labels: int32[B, T]`` with ``-100`` where a position is not scored. Position ``t``'s
+  logits predict ``labels[t + 1]``. :func:`shift_logits_labels` does that alignment once;
+  every per-token function below takes **already aligned** ``logits [B, T, V]``,
+  ``targets int[B, T]`` and a float ``mask [B, T]`` (1 = scored). The trainer may pass
+  any sub-mask (e.g. only the low- or high-entropy answer tokens).
+* Softmax / log-softmax are computed in float32 whatever the logits dtype.
+* Token means are ``Σ_t m_t ℓ_t / max(Σ_t m_t, 1)``: an empty mask gives a loss of exactly
+  0 with a zero gradient (never NaN).
+* Per-example vectors (``[B]``) plus reducers keep the baselines composable.
+
+References for the baselines:
+
+* GA / GradDiff / KL-min: TOFU (Maini et al., 2024) and open-unlearning
+  (``src/trainer/unlearn/grad_diff.py``, ``src/trainer/utils.py``).
+* NPO: Zhang et al., 2024, "Negative Preference Optimization: From Catastrophic Collapse
+  to Effective Unlearning" (arXiv:2404.05868), Eq. (3).
+* SimNPO: Fan et al., 2024, "Simplicity Prevails: Rethinking Negative Preference
+  Optimization for LLM Unlearning" (arXiv:2410.07163), Eq. (4).
+* IHL: Cha et al., 2024, "Towards Robust and Cost-Efficient Knowledge Unlearning for
+  LLMs"; ALTER paper Eq. (8) and ALTER_SPEC.md section 4.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "shift_logits_labels",
+    "masked_mean",
+    "token_log_likelihood",
+    "token_nll",
+    "nll_loss",
+    "PerExampleNLL",
+    "per_example_nll",
+    "sequence_log_prob",
+    "inverse_hinge_per_token",
+    "inverse_hinge_loss",
+    "kl_per_token",
+    "kl_to_reference",
+    "structural_penalty",
+    "entropy_drift_penalty",
+    "router_cross_entropy",
+    "gradient_ascent_loss",
+    "grad_diff_loss",
+    "kl_min_loss",
+    "npo_per_example",
+    "npo_loss",
+    "simnpo_per_example",
+    "simnpo_loss",
+    "example_mean",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def shift_logits_labels(
+    logits: Float[Array, "b t v"], labels: Int[Array, "b t"]
+) -> tuple[Float[Array, "b t1 v"], Int[Array, "b t1"], Float[Array, "b t1"]]:
+    """Align HF-style unshifted labels with the logits that predict them.
+
+    Returns ``(logits[:, :-1], labels[:, 1:], mask)`` with ``T1 = T - 1`` and
+    ``mask = float32(labels[:, 1:] != -100)``. Ignored targets stay ``-100``: every
+    function here treats them safely (they are gathered as index 0 and masked out).
+    """
+    chex.assert_rank(logits, 3)
+    chex.assert_rank(labels, 2)
+    chex.assert_equal_shape_prefix([logits, labels], 2)
+    targets = labels[:, 1:]
+    mask = (targets != IGNORE_INDEX).astype(jnp.float32)
+    return logits[:, :-1], targets, mask
+
+
+def _check_aligned(logits, targets, mask) -> None:
+    chex.assert_rank(logits, 3)
+    chex.assert_rank([targets, mask], 2)
+    chex.assert_equal_shape([targets, mask])
+    chex.assert_equal_shape_prefix([logits, targets], 2)
+
+
+def masked_mean(values: Float[Array, "..."], mask: Float[Array, "..."]) -> Float[Array, ""]:
+    """``Σ m·v / max(Σ m, 1)`` over all elements; 0 (with zero gradient) for an empty mask.
+
+    ``jnp.where`` (not ``v * m``) keeps NaN/inf at masked-out positions from leaking.
+    """
+    chex.assert_equal_shape([values, mask])
+    mask = mask.astype(jnp.float32)
+    total = jnp.sum(jnp.where(mask > 0, values.astype(jnp.float32) * mask, 0.0))
+    return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _safe_targets(targets: Int[Array, "..."]) -> Int[Array, "..."]:
+    return jnp.where(targets < 0, 0, targets).astype(jnp.int32)
+
+
+def _gather(x: Float[Array, "... v"], targets: Int[Array, "..."]) -> Float[Array, "..."]:
+    return jnp.take_along_axis(x, _safe_targets(targets)[..., None], axis=-1)[..., 0]
+
+
+# --------------------------------------------------------------------------- NLL
+
+
+def token_log_likelihood(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"]
+) -> Float[Array, "b t"]:
+    """``log p(x_t) = log_softmax(logits)[x_t]`` per position (float32); -100 reads index 0."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return _gather(logp, targets)
+
+
+def token_nll(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> Float[Array, "b t"]:
+    """``ℓ_t = −log p(x_t)`` per position, shape ``[B, T]``."""
+    return -token_log_likelihood(logits, targets)
+
+
+def nll_loss(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], mask: Float[Array, "b t"]
+) -> Float[Array, ""]:
+    """Mean token NLL over masked tokens: ``Σ_{b,t} m ℓ / max(Σ m, 1)``.
+
+    Equals HF's ``model(..., labels=labels).loss`` when ``mask`` is the shifted label mask.
+    """
+    _check_aligned(logits, targets, mask)
+    return masked_mean(token_nll(logits, targets), mask)
+
+
+class PerExampleNLL(NamedTuple):
+    """Per-example NLL statistics, each ``float32[B]``.
+
+    ``sum = Σ_t m ℓ``, ``count = Σ_t m``, ``mean = sum / max(count, 1)`` (TOFU's
+    length-normalised answer loss: its answer probability is ``exp(−mean)``).
+    """
+
+    sum: Float[Array, " b"]
+    mean: Float[Array, " b"]
+    count: Float[Array, " b"]
+
+
+def per_example_nll(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], mask: Float[Array, "b t"]
+) -> PerExampleNLL:
+    """Sum and mean NLL per example over its masked tokens (see :class:`PerExampleNLL`)."""
+    _check_aligned(logits, targets, mask)
+    mask = mask.astype(jnp.float32)
+    nll = jnp.where(mask > 0, token_nll(logits, targets) * mask, 0.0)
+    total = jnp.sum(nll, axis=-1)
+    count = jnp.sum(mask, axis=-1)
+    return PerExampleNLL(sum=total, mean=total / jnp.maximum(count, 1.0), count=count)
+
+
+def sequence_log_prob(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], mask: Float[Array, "b t"]
+) -> Float[Array, " b"]:
+    """``log π(y|x) = Σ_t m_t log p(x_t)`` per example, ``[B]`` (answer tokens summed)."""
+    return -per_example_nll(logits, targets, mask).sum
+
+
+def example_mean(values: Float[Array, " b"], count: Float[Array, " b"]) -> Float[Array, ""]:
+    """Mean of a per-example vector over examples with at least one scored token.
+
+    Examples with ``count == 0`` (e.g. padding rows) are dropped; returns 0 if none is left.
+    """
+    return masked_mean(values, (count > 0).astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- ALTER terms
+
+
+def inverse_hinge_per_token(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"]
+) -> Float[Array, "b t"]:
+    """Inverse hinge loss per token, ``[B, T]``:
+
+    ``IHL_t = 1 + p(x_t | x_<t) − max_{v ≠ x_t} p(v | x_<t)``, ``p = softmax(logits_t)``.
+    Minimising it lowers the target's probability and raises the best competitor's.
+    Range ``[0, 2]``.
+    """
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    safe = _safe_targets(targets)
+    p_target = _gather(p, safe)
+    is_target = jnp.arange(p.shape[-1]) == safe[..., None]
+    p_other = jnp.max(jnp.where(is_target, -jnp.inf, p), axis=-1)
+    return 1.0 + p_target - p_other
+
+
+def inverse_hinge_loss(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], mask: Float[Array, "b t"]
+) -> Float[Array, ""]:
+    """``L_IHL = mean_{t: m_t=1} IHL_t`` (ALTER's forget loss on low-entropy forget tokens)."""
+    _check_aligned(logits, targets, mask)
+    return masked_mean(inverse_hinge_per_token(logits, targets), mask)
+
+
+def kl_per_token(
+    logits: Float[Array, "b t v"], ref_logits: Float[Array, "b t v"]
+) -> Float[Array, "b t"]:
+    """``KL(p_ref ‖ p_θ)_t = Σ_v p_ref(v) (log p_ref(v) − log p_θ(v))`` per position.
+
+    ``ref_logits`` are wrapped in ``stop_gradient`` (the reference is frozen).
+    """
+    chex.assert_equal_shape([logits, ref_logits])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ref_logp = jax.nn.log_softmax(jax.lax.stop_gradient(ref_logits).astype(jnp.float32), axis=-1)
+    ref_p = jnp.exp(ref_logp)
+    # p_ref = 0 contributes 0 even where log p_ref = -inf.
+    return jnp.sum(jnp.where(ref_p > 0, ref_p * (ref_logp - logp), 0.0), axis=-1)
+
+
+def kl_to_reference(
+    logits: Float[Array, "b t v"], ref_logits: Float[Array, "b t v"], mask: Float[Array, "b t"]
+) -> Float[Array, ""]:
+    """Mean over masked tokens of ``KL(p_ref ‖ p_θ)`` (forward KL, reference first).
+
+    Direction: open-unlearning's ``compute_kl_divergence`` calls
+    ``F.kl_div(current_log_probs, ref_log_probs, log_target=True)``, which is
+    ``Σ p_ref (log p_ref − log p_θ) = KL(ref ‖ current)``; we follow it. This is the
+    mass-covering direction: the adapted model is penalised wherever the reference puts
+    probability it lost, which is what "keep retain behaviour" asks for.
+    Departure: open-unlearning divides by *all* B·T positions (prompt and padding
+    included, ``batchmean`` on a flattened view); we average over the masked (answer)
+    tokens only, consistent with every other loss here.
+    """
+    chex.assert_rank([logits, mask], [3, 2])
+    chex.assert_equal_shape_prefix([logits, mask], 2)
+    return masked_mean(kl_per_token(logits, ref_logits), mask)
+
+
+def structural_penalty(
+    entropy_fn: Callable[[chex.ArrayTree], Float[Array, ""]], shared_a: chex.ArrayTree
+) -> Float[Array, ""]:
+    """``L_struct = ‖∇_A mean_{t∈H} S_q(x_t)‖²`` by double backprop (ALTER Eq. 8, spec §4).
+
+    ``entropy_fn`` maps the shared-``A`` pytree to the scalar mean Tsallis entropy over the
+    high-entropy tokens (with everything else closed over, ``B`` stopped). Returns the
+    squared Frobenius norm of ``jax.grad(entropy_fn)(A)`` summed over all leaves. The result
+    is itself differentiable w.r.t. ``A`` (``jax.grad`` of this function is a Hessian-vector
+    product: ``2 ∇²S · ∇S``), so the trainer can take its gradient.
+    """
+    grads = jax.grad(entropy_fn)(shared_a)
+    leaves = jax.tree_util.tree_leaves(grads)
+    if not leaves:
+        raise ValueError("losses.structural_penalty: shared_a has no array leaves (pass the A pytree)")
+    return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves)
+
+
+def entropy_drift_penalty(
+    s_adapted: Float[Array, "b t"], s_base: Float[Array, "b t"], mask: Float[Array, "b t"]
+) -> Float[Array, ""]:
+    """Cheap structural option: ``mean_{t: m_t=1} (S_q^adapted(t) − S_q^base(t))²``.
+
+    ``s_base`` (frozen backbone) is wrapped in ``stop_gradient``.
+    """
+    chex.assert_equal_shape([s_adapted, s_base, mask])
+    diff = s_adapted.astype(jnp.float32) - jax.lax.stop_gradient(s_base).astype(jnp.float32)
+    return masked_mean(jnp.square(diff), mask)
+
+
+def router_cross_entropy(
+    router_logits: Float[Array, "... e"], target_expert: Int[Array, "..."], mask: Float[Array, "..."]
+) -> Float[Array, ""]:
+    """Routing loss ``L_route = mean_{m=1} −log softmax(router_logits)[e*]``.
+
+    ``router_logits [..., E]``, ``target_expert int[...]`` (0 = retain expert, d = forget
+    sub-domain d), ``mask [...]`` (same leading shape).
+    """
+    chex.assert_equal_shape([target_expert, mask])
+    chex.assert_equal_shape_prefix([router_logits, target_expert], target_expert.ndim)
+    chex.assert_rank(router_logits, target_expert.ndim + 1)
+    logp = jax.nn.log_softmax(router_logits.astype(jnp.float32), axis=-1)
+    return masked_mean(-_gather(logp, target_expert), mask)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def gradient_ascent_loss(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], mask: Float[Array, "b t"]
+) -> Float[Array, ""]:
+    """Gradient ascent on the forget set: ``L_GA = −NLL_forget`` (mean over tokens)."""
+    return -nll_loss(logits, targets, mask)
+
+
+def grad_diff_loss(
+    forget_nll: Float[Array, ""], retain_nll: Float[Array, ""], alpha: float = 1.0, gamma: float = 1.0
+) -> Float[Array, ""]:
+    """GradDiff (Liu et al., 2022; open-unlearning ``GradDiff``):
+
+    ``L = γ·(−NLL_forget) + α·NLL_retain`` (defaults α = γ = 1). ``retain_nll`` may be a
+    KL term instead (open-unlearning's ``retain_loss_type="KL"``).
+    """
+    return -gamma * forget_nll + alpha * retain_nll
+
+
+def kl_min_loss(
+    forget_nll: Float[Array, ""], retain_kl: Float[Array, ""], alpha: float = 1.0, gamma: float = 1.0
+) -> Float[Array, ""]:
+    """KL-min (TOFU's ``KL`` method): ``L = γ·(−NLL_forget) + α·KL(p_ref ‖ p_θ)_retain``.
+
+    ``retain_kl`` is :func:`kl_to_reference` on retain answer tokens.
+    """
+    return -gamma * forget_nll + alpha * retain_kl
+
+
+def npo_per_example(
+    logits: Float[Array, "b t v"],
+    ref_logits: Float[Array, "b t v"],
+    targets: Int[Array, "b t"],
+    mask: Float[Array, "b t"],
+    beta: float,
+) -> Float[Array, " b"]:
+    """NPO per example (Zhang et al., 2024, Eq. 3; open-unlearning ``NPO``):
+
+    ``ℓ_i = −(2/β) · log σ(−β · (log π_θ(y_i|x_i) − log π_ref(y_i|x_i)))``, with
+    sequence log-probs summed over answer tokens (:func:`sequence_log_prob`). The reference
+    is wrapped in ``stop_gradient``. Shape ``[B]``.
+    """
+    _check_aligned(logits, targets, mask)
+    chex.assert_equal_shape([logits, ref_logits])
+    log_ratio = sequence_log_prob(logits, targets, mask) - sequence_log_prob(
+        jax.lax.stop_gradient(ref_logits), targets, mask
+    )
+    return -(2.0 / beta) * jax.nn.log_sigmoid(-beta * log_ratio)
+
+
+def npo_loss(
+    logits: Float[Array, "b t v"],
+    ref_logits: Float[Array, "b t v"],
+    targets: Int[Array, "b t"],
+    mask: Float[Array, "b t"],
+    beta: float = 0.1,
+) -> Float[Array, ""]:
+    """``L_NPO = E_i[ℓ_i]`` of :func:`npo_per_example`, over examples with answer tokens."""
+    per = npo_per_example(logits, ref_logits, targets, mask, beta)
+    return example_mean(per, jnp.sum(mask, axis=-1))
+
+
+def simnpo_per_example(
+    logits: Float[Array, "b t v"],
+    targets: Int[Array, "b t"],
+    mask: Float[Array, "b t"],
+    beta: float,
+    gamma: float = 0.0,
+) -> Float[Array, " b"]:
+    """SimNPO per example (Fan et al., 2024, Eq. 4):
+
+    ``ℓ_i = −(2/β) · log σ(−(β/|y_i|) · log π_θ(y_i|x_i) − γ)``, ``|y_i|`` = number of
+    answer tokens (guarded ≥ 1). open-unlearning's ``SimNPO`` writes the margin as
+    ``β·(NLL/|y| − δ)``, i.e. ``γ = β·δ``. Shape ``[B]``.
+    """
+    _check_aligned(logits, targets, mask)
+    stats = per_example_nll(logits, targets, mask)
+    # −(β/|y|) log π = β · mean NLL.
+    return -(2.0 / beta) * jax.nn.log_sigmoid(beta * stats.mean - gamma)
+
+
+def simnpo_loss(
+    logits: Float[Array, "b t v"],
+    targets: Int[Array, "b t"],
+    mask: Float[Array, "b t"],
+    beta: float = 2.5,
+    gamma: float = 0.0,
+) -> Float[Array, ""]:
+    """``L_SimNPO = E_i[ℓ_i]`` of :func:`simnpo_per_example`, over examples with answer tokens."""
+    per = simnpo_per_example(logits, targets, mask, beta, gamma)
+    return example_mean(per, jnp.sum(mask, axis=-1))
