@@ -1,0 +1,166 @@
+"""Generation-quality proxies: reference perplexity, repetition, distinct-n; mean and variance.
+
+The ALTER paper scores fluency with GPT-4o (Flu-mean / Flu-var over answers). Offline we
+report cheap, reproducible proxies, each per answer, then its mean and (population,
+``ddof=0``) variance over answers:
+
+- ``ppl``: perplexity of the answer under a reference (backbone) model,
+  ``exp(-(1/N) sum_t log p_ref(a_t | prompt, a_<t))`` over the N answer tokens (Eq. F1);
+- ``rep_n``: repeated n-gram rate, ``1 - |unique n-grams| / |n-grams|`` (Welleck et al.
+  2020 "seq-rep-n", default n = 4): the share of n-gram occurrences that repeat an earlier
+  n-gram of the same answer (Eq. F2); 0 when the answer has fewer than n words;
+- ``distinct_n``: ``|unique n-grams| / |n-grams|`` (Li et al. 2016) for n = 1, 2 (Eq. F3);
+  0 for an answer with no n-gram.
+
+Words for rep/distinct are ``re.findall(r"\\w+|[^\\w\\s]", text.lower())`` (lower-cased words and
+single punctuation marks), so the numbers do not depend on a model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word / punctuation tokens used by the n-gram proxies."""
+    return _WORD_RE.findall(text.lower())
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repetition_rate(text: str, n: int = 4) -> float:
+    """Eq. F2: ``1 - |unique n-grams| / |n-grams|`` of ``text`` (0.0 if no n-gram)."""
+    grams = ngrams(words(text), n)
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+def distinct_n(text: str, n: int) -> float:
+    """Eq. F3: ``|unique n-grams| / |n-grams|`` of ``text`` (0.0 if no n-gram)."""
+    grams = ngrams(words(text), n)
+    return 0.0 if not grams else len(set(grams)) / len(grams)
+
+
+def token_logprobs(
+    logits_fn: LogitsFn,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    pad_multiple: int = 32,
+    progress: bool = False,
+    desc: str = "logprobs",
+) -> list[np.ndarray]:
+    """Per-token log-probabilities ``log p(x_t | x_<t)``, t = 1..len-1, of every sequence.
+
+    Returns one float64 array of length ``len(seq) - 1`` per sequence. Batches are
+    right-padded to the static shape ``[batch_size, ceil(T / pad_multiple) * pad_multiple]``
+    (short batches filled with copies of their first row)."""
+    out: list[np.ndarray | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    n_batches = (len(order) + batch_size - 1) // batch_size
+    for b in tqdm(range(n_batches), desc=desc, disable=not progress):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        width = max(max(len(sequences[i]) for i in idx), 1)
+        width = -(-width // pad_multiple) * pad_multiple
+        ids = np.full((batch_size, width), pad_id, dtype=np.int32)
+        mask = np.zeros((batch_size, width), dtype=np.int32)
+        for r in range(batch_size):
+            seq = sequences[idx[r] if r < len(idx) else idx[0]]
+            ids[r, :len(seq)] = seq
+            mask[r, :len(seq)] = 1
+        logits = np.asarray(logits_fn(ids, mask))
+        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+            raise ValueError(f"LogitsFn returned shape {logits.shape}; expected [B, T, V] with B, T = {ids.shape}")
+        for r, i in enumerate(idx):
+            n = len(sequences[i])
+            if n < 2:
+                out[i] = np.zeros((0,), np.float64)
+                continue
+            x = logits[r, : n - 1].astype(np.float64)
+            m = x.max(-1, keepdims=True)
+            lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+            tgt = np.asarray(sequences[i][1:])
+            out[i] = x[np.arange(n - 1), tgt] - lse
+    return out  # type: ignore[return-value]
+
+
+def answer_perplexities(
+    logits_fn: LogitsFn,
+    tokenizer,
+    answers: Sequence[str],
+    prompts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Eq. F1 per answer: the sequence is ``tok(prompt, add_special_tokens=True) +
+    tok(answer, add_special_tokens=False)`` (just BOS + answer without prompts); only the
+    answer tokens are scored. ``max_length`` keeps the last tokens. NaN for an empty answer."""
+    if prompts is not None and len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers")
+    seqs, n_ans = [], []
+    for k, answer in enumerate(answers):
+        if prompts is not None:
+            ctx = list(tokenizer(prompts[k], add_special_tokens=True)["input_ids"])
+        else:
+            ctx = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        seq = ctx + ans
+        if max_length is not None:
+            seq = seq[-max_length:]
+        seqs.append(seq)
+        n_ans.append(min(len(ans), max(len(seq) - 1, 0)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lps = token_logprobs(logits_fn, seqs, pad_id, batch_size=batch_size, progress=progress, desc="ppl")
+    out = np.full(len(answers), np.nan)
+    for k, (lp, n) in enumerate(zip(lps, n_ans)):
+        if n > 0:
+            out[k] = float(np.exp(-lp[-n:].mean()))
+    return out
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": float("nan"), "var": float("nan")}
+    return {"mean": float(v.mean()), "var": float(v.var())}
+
+
+def fluency_report(
+    answers: Sequence[str],
+    prompts: Sequence[str] | None = None,
+    *,
+    logits_fn: LogitsFn | None = None,
+    tokenizer=None,
+    rep_n: int = 4,
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> dict:
+    """Per-answer proxies and their mean / variance over answers.
+
+    Returns ``{"summary": {metric: {"mean", "var"}}, "per_answer": {metric: list}}`` with
+    metrics ``rep_<n>``, ``distinct_1``, ``distinct_2`` and, when ``logits_fn`` and
+    ``tokenizer`` are given, ``ppl`` (answers with no token are left out of its summary)."""
+    per = {
+        f"rep_{rep_n}": np.array([repetition_rate(a, rep_n) for a in answers]),
+        "distinct_1": np.array([distinct_n(a, 1) for a in answers]),
+        "distinct_2": np.array([distinct_n(a, 2) for a in answers]),
+    }
+    if logits_fn is not None:
+        if tokenizer is None:
+            raise ValueError("fluency_report: perplexity needs the tokenizer of the reference model")
+        per["ppl"] = answer_perplexities(logits_fn, tokenizer, answers, prompts, batch_size, max_length)
+    return {
+        "summary": {k: _summary(v) for k, v in per.items()},
+        "per_answer": {k: v.tolist() for k, v in per.items()},
+    }
