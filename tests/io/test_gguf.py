@@ -373,3 +373,22 @@ def test_missing_file_and_foreign_output_folder(tmp_path, converted):
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(GGUFConversionError, match="dtype"):
         convert_gguf_to_hf(converted[0], tmp_path / "x", dtype="int8")
+
+
+# ----------------------------------------------------------------------------- bin/convert
+
+
+def test_bin_convert_cli(tmp_path, converted):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    exe = [sys.executable, str(repo / "bin" / "convert")]
+    help_ = subprocess.run(exe + ["--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert help_.returncode == 0 and "smollm2-135m-instruct" in help_.stdout and "--dtype" in help_.stdout
+    done = subprocess.run(exe + [str(converted[0]), str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "dequantized" in done.stderr and "wrote" in done.stderr  # progress output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (converted[1] / "model.safetensors").read_bytes()
+    bad = subprocess.run(exe + [str(tmp_path / "missing.gguf"), str(tmp_path / "o2")], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and "convert: error: GGUF file not found" in bad.stderr and "Traceback" not in bad.stderr
