@@ -1,0 +1,149 @@
+"""``evaluate``: evaluation commands (one subcommand each).
+
+    bin/evaluate tofu-aggregate --logs DIR [--retain-logs DIR] [--json]
+    bin/evaluate tofu --model PATH --out DIR [--data SRC] [--forget-split forget10] ...
+
+Subcommands live in a registry so other modules can add theirs (``mcq``, ``muse``, ...):
+
+    from alter_jax.cli.evaluate import subcommand
+
+    @subcommand("mcq", help="multiple-choice accuracy")
+    def _mcq_args(p):            # fills the subparser
+        p.add_argument(...)
+        return run_mcq           # run(args) -> int exit code
+
+User errors (``ValueError`` subclasses with a message, ``FileNotFoundError``) print
+``error: ...`` and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+Runner = Callable[[argparse.Namespace], int]
+_SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {}
+
+
+def subcommand(name: str, help: str):
+    """Register a subcommand: the decorated function fills its parser and returns the runner."""
+
+    def deco(fn: Callable[[argparse.ArgumentParser], Runner]):
+        _SUBCOMMANDS[name] = (help, fn)
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------ tofu-aggregate
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2e}" if (v != 0 and abs(v) < 1e-3) else f"{v:.4f}"
+
+
+@subcommand("tofu-aggregate", help="Forget Quality and Model Utility from TOFU log folders")
+def _tofu_aggregate_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--logs", required=True, help="folder with eval_log_forget.json, eval_log.json, "
+                   "eval_real_author_wo_options.json, eval_real_world_wo_options.json (ours or TOFU's)")
+    p.add_argument("--retain-logs", default=None, help="the retain model's log folder (for Forget Quality)")
+    p.add_argument("--json", action="store_true", help="print one JSON object "
+                   "(forget_quality, model_utility, parts, forget, ks_statistic)")
+
+    def run(args: argparse.Namespace) -> int:
+        from alter_jax.eval.tofu import aggregate
+
+        res = aggregate(args.logs, args.retain_logs)
+        if args.json:
+            print(json.dumps(res))
+            return 0
+        print(f"logs: {args.logs}")
+        if args.retain_logs:
+            print(f"Forget Quality (KS p-value vs {args.retain_logs}): {_fmt(res['forget_quality'])}"
+                  f"  (KS statistic {_fmt(res['ks_statistic'])})")
+        else:
+            print("Forget Quality: n/a (pass --retain-logs)")
+        print(f"Model Utility: {_fmt(res['model_utility'])}")
+        for k, v in res["parts"].items():
+            print(f"  {k:<26} {_fmt(v)}")
+        for k, v in res["forget"].items():
+            print(f"  {k:<26} {_fmt(v)}")
+        return 0
+
+    return run
+
+
+# ----------------------------------------------------------------------------- tofu
+
+
+@subcommand("tofu", help="run the TOFU evaluation on a model (writes legacy logs + summary.json)")
+def _tofu_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--model", required=True, help="HF model folder or hub id (loaded with alter_jax.io.hf)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder / id (default: --model)")
+    p.add_argument("--out", required=True, help="output folder for the logs")
+    p.add_argument("--data", default="locuslab/TOFU", help="TOFU folder or hub id (default locuslab/TOFU)")
+    p.add_argument("--forget-split", default="forget10", help="forget01 / forget05 / forget10")
+    p.add_argument("--prompt-format", default="auto", help="auto, llama2, chat, chatml, llama3, zephyr, plain")
+    p.add_argument("--ds-size", type=int, default=300, help="first N rows per split, as TOFU (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=200, help="scoring length (prompt + answer)")
+    p.add_argument("--generation-max-length", type=int, default=200, help="prompt + generated tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--retain-logs", default=None, help="retain model's log folder (for Forget Quality)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from transformers import AutoTokenizer
+
+        from alter_jax.eval.tofu import evaluate_tofu
+
+        try:
+            from alter_jax.generate import model_fns
+            from alter_jax.io.hf import load_pretrained
+        except ImportError as e:  # pragma: no cover - depends on other modules being present
+            raise RuntimeError(f"the model loader / generator is not available ({e})") from e
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        model = load_pretrained(args.model, dtype=args.dtype)
+        logits_fn, generate_fn = model_fns(model)
+        res = evaluate_tofu(
+            logits_fn, generate_fn, tok, args.out, forget_split=args.forget_split, source=args.data,
+            fmt=args.prompt_format, ds_size=args.ds_size or None, batch_size=args.batch_size,
+            max_length=args.max_length, generation_max_length=args.generation_max_length,
+            max_new_tokens=args.max_new_tokens, retain_logs=args.retain_logs, progress=not args.no_progress,
+        )
+        print(json.dumps({k: res.get(k) for k in ("forget_quality", "model_utility", "parts", "forget")}, indent=2))
+        return 0
+
+    return run
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate", description="alter-jax evaluation commands")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (help_, fill) in _SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(_run=fill(sp))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
