@@ -42,7 +42,7 @@ class AdaptableLinear(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(param_dtype)))
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.dtype(param_dtype))) if use_bias else None
-        self.adapter: Any = None
+        self.adapter: Any = nnx.data(None)  # a data slot: adapters are installed later
         self.dtype = jnp.dtype(dtype)
         self.d_in, self.d_out = d_in, d_out
 
