@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 NUM_CHOICES = 4
 LETTERS = ("A", "B", "C", "D")
 
@@ -76,13 +78,8 @@ def _parse_answer(value: Any, where: str) -> int:
             raise MCQDataError(
                 f"{where}: field 'answer' is the string {value!r}; expected an int index 0..3 or a letter A..D"
             )
-    try:
-        import numpy as np
-
-        if isinstance(value, np.integer):
-            value = int(value)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    if isinstance(value, np.integer):
+        value = int(value)
     if not isinstance(value, int):
         raise MCQDataError(
             f"{where}: field 'answer' must be an int index 0..3, got {type(value).__name__} {value!r}"
