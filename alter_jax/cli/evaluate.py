@@ -98,16 +98,11 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--no-progress", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
-        from transformers import AutoTokenizer
-
         from alter_jax.eval.tofu import evaluate_tofu
+        from alter_jax.generate import model_fns
+        from alter_jax.io.hf import load_pretrained, load_tokenizer
 
-        try:
-            from alter_jax.generate import model_fns
-            from alter_jax.io.hf import load_pretrained
-        except ImportError as e:  # pragma: no cover - depends on other modules being present
-            raise RuntimeError(f"the model loader / generator is not available ({e})") from e
-        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        tok = load_tokenizer(args.tokenizer or args.model)
         model = load_pretrained(args.model, dtype=args.dtype)
         logits_fn, generate_fn = model_fns(model)
         res = evaluate_tofu(

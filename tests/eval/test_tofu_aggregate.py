@@ -101,3 +101,41 @@ def test_cli_json(refs):
     assert p.returncode == 2 and "error: TOFU log folder" in p.stderr and "Traceback" not in p.stderr
     p = _cli("--help")
     assert p.returncode == 0 and "tofu-aggregate" in p.stdout
+
+
+def test_cli_tofu_end_to_end_on_synthetic(tmp_path):
+    """`evaluate tofu` on a tiny random model and a synthetic TOFU folder, then
+    `tofu-aggregate` on the logs it wrote (our output folder = legacy layout)."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alter_jax.data.synthetic import generate_authors, train_toy_tokenizer, write_tofu_folder
+
+    data = tmp_path / "tofu"
+    write_tofu_folder(data, num_authors=10, forget_authors=1, seed=0, per_author=4)
+    tok = train_toy_tokenizer([r["question"] + " " + r["answer"] for r in generate_authors(10, seed=0, per_author=4)],
+                              kind="llama2", vocab_size=300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "eval"
+    p = _cli("tofu", "--model", str(model_dir), "--data", str(data), "--forget-split", "forget10", "--out", str(out),
+             "--prompt-format", "llama2", "--ds-size", "3", "--batch-size", "4", "--max-length", "96",
+             "--max-new-tokens", "4", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["prompt_format"] == "llama2" and len(summary["parts"]) == 9
+    logs = read_logs(out)
+    assert len(logs["eval_log_forget.json"]["avg_gt_loss"]) == 3
+    assert len(logs["eval_real_world_wo_options.json"]["average_perturb_loss"]["0"]) == 3
+    p = _cli("tofu-aggregate", "--logs", str(out), "--retain-logs", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["forget_quality"] == pytest.approx(1.0)
+    assert res["model_utility"] == pytest.approx(summary["model_utility"])
+    p = _cli("tofu", "--model", str(model_dir), "--data", str(data), "--forget-split", "forget07", "--out", str(out))
+    assert p.returncode == 2 and "forget07_perturbed" in p.stderr and "available splits" in p.stderr
