@@ -126,3 +126,16 @@ def test_batch_and_left_pad(llama_tok):
     ids, mask = left_pad([[5]], pad_id=2, length=3)
     assert ids.tolist() == [[2, 2, 5]] and mask.dtype == np.int32
     assert set(FORMATS) >= {"llama2", "llama3", "zephyr", "chatml", "plain", "chat"}
+
+
+def test_builtin_templates_render(chatml_tok):
+    tok = _no_template(chatml_tok)
+    q = QA[0][0]
+    l3, special = prompt_text(tok, q, "llama3")
+    assert not special and l3.startswith(tok.bos_token) and l3.count(tok.bos_token) == 1
+    assert l3.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n") and q in l3
+    z, _ = prompt_text(tok, q, "zephyr")
+    assert z == f"<|user|>\n{q}{tok.eos_token}\n<|assistant|>\n"
+    # a chat-template prompt is tokenised without a second BOS
+    ids = encode_prompt(tok, q, "chatml")
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids.count(ids[0]) == 2
