@@ -77,7 +77,6 @@ class AdapterConfig:
     tau_high: float = 0.8
     tau_low: float = 0.01
     router_init_std: float = 0.02
-    sow_router_logits: bool = False  # hard-routed training records router logits for L_route
 
     @property
     def num_experts(self) -> int:
@@ -91,7 +90,8 @@ class AdapterConfig:
 class HardRouting(NamedTuple):
     """Training: example b uses expert ``expert[b]`` (0 retain, d forget sub-domain d).
 
-    ``entropy: float[B, T]`` (router input S) is only needed when router logits are sown.
+    With ``entropy: float[B, T]`` (the router input S) the layer also sows its router
+    logits (:class:`RouterLogits`) for the routing loss; the output ignores the router.
     """
 
     expert: jax.Array  # int32[B]
@@ -160,8 +160,8 @@ class AsymLoRA(nnx.Module):
         if ctx is None or experts.shape[0] == 1:
             return cfg.scale * (a @ experts[0].T)
         if isinstance(ctx, HardRouting):
-            if cfg.sow_router_logits and self.router is not None:
-                self.sow(RouterLogits, "router_logits", self.router_logits(x, ctx.entropy))
+            if ctx.entropy is not None and self.router is not None:  # training the router
+                self.sow(RouterLogits, "sown_router_logits", self.router_logits(x, ctx.entropy))
             # Per-example expert: gather B_e for each example, exact zeros elsewhere.
             b = experts[ctx.expert]  # [B, d_out, r]
             return cfg.scale * jnp.einsum("btr,bdr->btd", a, b)

@@ -1,0 +1,199 @@
+"""Typed configuration: one frozen dataclass per concern, built from an ml_collections ConfigDict.
+
+A config file (``configs/*.py``) defines ``get_config() -> ConfigDict`` with the sections
+below; :func:`build` validates every key and type against these dataclasses and fails
+before any work with the valid choices named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from alter_jax.adapters.lora import AdapterConfig
+
+
+class ConfigValueError(ValueError):
+    """A config key or value that cannot be used; the message names it and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str = "tiny-random"  # HF folder, hub id, registry name or .gguf; "tiny-random" builds one
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    prompt_format: str = "auto"
+    max_length: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyConfig:
+    q: float = 1.0  # Tsallis q (1 = Shannon); the paper gives no value
+    threshold: str = "fixed"  # fixed | quantile | bimodal
+    value: float = 1.2  # fixed: θ; quantile: fraction of tokens that are high-entropy
+    inference_source: str = "base"  # base (backbone prefill) | self (the sampling distribution)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    beta: float = 1.0  # forget term weight (ALTER β)
+    gamma: float = 1.0  # retain term weight (ALTER γ)
+    lambda_struct: float = 0.01  # structural invariance weight (ALTER λ)
+    mu_route: float = 1.0  # routing loss weight
+    struct_penalty: str = "drift"  # drift | grad (double backprop) | none
+    npo_beta: float = 0.1
+    simnpo_beta: float = 2.5
+    simnpo_gamma: float = 0.0
+    retain_loss: str = ""  # override the method's retain loss: nll | kl ("" = method default)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5  # full-parameter and plain-LoRA methods
+    lr_a: float = 1e-5  # ALTER η_A
+    lr_b: float = 1e-3  # ALTER η_B (retain and forget experts)
+    lr_router: float = 1e-3
+    lr_phase1: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    clip_norm: float = 0.0  # 0 = no clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # synthetic | locuslab/TOFU | a local TOFU folder
+    forget_split: str = "forget01"
+    retain_split: str = "retain99"
+    num_forget: int = 0  # 0 = all rows of the split
+    num_retain: int = 0
+    synthetic_authors: int = 8
+    synthetic_forget_authors: int = 2
+    domain_field: str = "domain"  # sub-domain labels if the rows have them
+    num_subdomains: int = 0  # 0 = choose by silhouette over [2, max_subdomains]
+    max_subdomains: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    method: str = "alter"
+    epochs: int = 3
+    batch_size: int = 4
+    phase1_steps: int = 0
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 1
+    max_steps: int = 0  # 0 = epochs decide
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 48
+    num_questions: int = 0  # 0 = all
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSpec = ModelSpec()
+    adapter: AdapterConfig = AdapterConfig()
+    entropy: EntropyConfig = EntropyConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str = "runs/default"
+
+
+CHOICES = {
+    ("entropy", "threshold"): ("fixed", "quantile", "bimodal"),
+    ("entropy", "inference_source"): ("base", "self"),
+    ("loss", "struct_penalty"): ("drift", "grad", "none"),
+    ("loss", "retain_loss"): ("", "nll", "kl"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("model", "param_dtype"): ("float32", "bfloat16", "float16"),
+}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        if not isinstance(value, (list, tuple)):
+            raise ConfigValueError(f"config.{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigValueError(f"config.{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigValueError(f"config.{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigValueError(f"config.{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigValueError(f"config.{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build_section(cls, values: dict, section: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigValueError(
+            f"config.{section}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(fields))}."
+        )
+    kw = {}
+    for k, v in values.items():
+        kw[k] = _coerce(v, hints[k], f"{section}.{k}")
+        choices = CHOICES.get((section, k))
+        if choices is not None and kw[k] not in choices:
+            raise ConfigValueError(f"config.{section}.{k} = {kw[k]!r}; choose one of {', '.join(map(repr, choices))}.")
+    return cls(**kw)
+
+
+def build(cfg: Any) -> RunConfig:
+    """Validate a ConfigDict (or plain dict) and build the typed :class:`RunConfig`."""
+    raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    hints = typing.get_type_hints(RunConfig)
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ConfigValueError(f"config: unknown section(s) {', '.join(unknown)}; valid are {', '.join(sorted(sections))}.")
+    kw = {}
+    for name, value in raw.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigValueError(f"config.{name}: expected a section (dict), got {value!r}")
+            kw[name] = _build_section(typ, value, name)
+        else:
+            kw[name] = _coerce(value, typ, name)
+    run = RunConfig(**kw)
+    from alter_jax.train.methods import METHODS
+
+    if run.train.method not in METHODS:
+        raise ConfigValueError(f"config.train.method = {run.train.method!r}; choose one of {', '.join(METHODS)}.")
+    return run
+
+
+def to_dict(run: RunConfig) -> dict:
+    return dataclasses.asdict(run)

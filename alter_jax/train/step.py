@@ -1,0 +1,302 @@
+"""Jitted train steps for every method (spec §4 and §6).
+
+The model is split once into pytrees: ``trainable`` (``{group: State}``, the only thing
+differentiated and updated), ``frozen`` (the backbone and any adapter group the method
+does not train) and ``reference`` (the backbone as it was before unlearning, for KL/NPO).
+
+**ALTER isolation.** Each loss term owns one group:
+
+* ``β·L_forget`` (IHL on low-entropy forget tokens)  -> ``forget_experts``
+* ``γ·L_retain`` (NLL or KL on retain answer tokens) -> ``retain_expert``
+* ``L_A + λ·L_struct`` (high-entropy tokens)          -> ``shared_a``
+* ``μ·L_route`` (router on ``[stop_grad(x); S]``)      -> ``router``
+
+Hard routing sends forget rows through ``B_f^d`` and retain rows through ``B_r``, so the
+experts are isolated by construction (a gather's gradient is exactly zero elsewhere). A
+and B are isolated with one forward and two cotangents: ``jax.vjp`` of the forward, pulled
+back once with ``∂(B-terms)/∂logits`` (keeping the B groups and router) and once with
+``∂(A-terms)/∂logits`` (keeping ``shared_a``). This equals the gradient of the
+``stop_gradient`` formulation (:func:`alter_isolated_loss`, used by the tests), but never
+runs a second forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from alter_jax import losses as L
+from alter_jax.adapters.lora import GROUPS, HardRouting, RouterLogits
+from alter_jax.config import LossConfig
+from alter_jax.entropy import tsallis_entropy
+from alter_jax.train.methods import MethodSpec
+
+Batch = dict[str, dict[str, jax.Array]]  # {"forget": {...}, "retain": {...}}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static (hashable) settings of a step."""
+
+    method: MethodSpec
+    loss: LossConfig
+    q: float = 1.0
+    threshold: float = 1.2  # θ, already fitted to the data set
+    phase: str = "main"  # main | phase1
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: dict[str, nnx.State]
+    opt_state: optax.OptState
+
+
+@struct.dataclass
+class Frozen:
+    graphdef: Any = struct.field(pytree_node=False)  # nnx.GraphDef (static)
+    parts: dict[str, nnx.State] = None  # backbone + adapter groups not trained + rest
+    reference: nnx.State | None = None  # backbone before unlearning (full-parameter methods)
+
+
+# ----------------------------------------------------------------------------- model plumbing
+def split_model(model, trainable_groups: tuple[str, ...]) -> tuple[Any, dict[str, nnx.State], dict[str, nnx.State]]:
+    """``(graphdef, trainable, frozen_parts)`` by group name (``backbone`` = ``nnx.Param``)."""
+    graphdef, backbone, *groups, rest = nnx.split(model, nnx.Param, *GROUPS.values(), ...)
+    named = {"backbone": backbone, **dict(zip(GROUPS, groups)), "rest": rest}
+    trainable = {g: named[g] for g in trainable_groups}
+    frozen = {g: s for g, s in named.items() if g not in trainable_groups}
+    return graphdef, trainable, frozen
+
+
+def merge_model(graphdef, trainable: dict, frozen: dict):
+    order = ["backbone", *GROUPS, "rest"]
+    states = {**frozen, **trainable}
+    return nnx.merge(graphdef, *[states[k] for k in order])
+
+
+def _concat(batch: Batch, key: str) -> jax.Array:
+    return jnp.concatenate([batch["forget"][key], batch["retain"][key]], axis=0)
+
+
+def forward(graphdef, trainable, frozen, ids, mask, ctx=None, *, sow_router: bool = False):
+    """Logits ``[B, T, V]`` and (if sown) the per-layer router logits ``[L][B, T, E]``."""
+    model = merge_model(graphdef, trainable, frozen)
+    logits = model(ids, mask, adapter_ctx=ctx)
+    router = []
+    if sow_router:
+        sown = nnx.to_flat_state(nnx.pop(model, RouterLogits))  # path -> Variable holding a tuple
+        router = [v.get_value()[0] for _, v in sorted(sown, key=lambda kv: str(kv[0]))]
+    return logits, router
+
+
+def reference_logits(frozen: Frozen, trainable, ids, mask):
+    """Logits of the model before unlearning (adapters off), without gradient."""
+    parts = dict(frozen.parts)
+    if frozen.reference is not None:
+        parts["backbone"] = frozen.reference
+    zero_tr = {g: jax.tree_util.tree_map(jnp.zeros_like, s) for g, s in trainable.items() if g != "backbone"}
+    zero_fr = {g: jax.tree_util.tree_map(jnp.zeros_like, s) for g, s in parts.items() if g in GROUPS}
+    parts.update(zero_fr)
+    if "backbone" in trainable:
+        zero_tr = {}
+    model = merge_model(frozen.graphdef, zero_tr, parts)
+    return jax.lax.stop_gradient(model(ids, mask))
+
+
+# ----------------------------------------------------------------------------- token sets
+class TokenSets(NamedTuple):
+    targets: jax.Array  # [2B, T-1]
+    answer: jax.Array  # float [2B, T-1]
+    high: jax.Array  # float [2B, T-1] high-entropy answer tokens
+    low: jax.Array  # float [2B, T-1]
+    base_entropy: jax.Array  # [2B, T-1] backbone S_q behind each target
+    is_forget: jax.Array  # bool [2B]
+
+
+def token_sets(labels, entropy, n_forget: int, settings: StepSettings) -> TokenSets:
+    targets = labels[:, 1:]
+    answer = (targets != L.IGNORE_INDEX).astype(jnp.float32)
+    base = entropy[:, 1:].astype(jnp.float32)
+    if settings.method.entropy:
+        high = answer * (base > settings.threshold)
+    else:  # AsymLoRA: every token is low-entropy
+        high = jnp.zeros_like(answer)
+    is_forget = jnp.arange(labels.shape[0]) < n_forget
+    return TokenSets(targets, answer, high, answer - high, base, is_forget)
+
+
+def _rows(x, is_forget):
+    return jnp.where(is_forget.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+# ----------------------------------------------------------------------------- ALTER terms
+def alter_b_terms(logits, router_logits, ts: TokenSets, expert, settings: StepSettings, ref_logits=None):
+    """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router)."""
+    lc = settings.loss
+    lg = logits[:, :-1]
+    f = ts.is_forget.astype(jnp.float32)[:, None]
+    forget = L.inverse_hinge_loss(lg, ts.targets, ts.low * f)
+    retain_kind = lc.retain_loss or settings.method.retain_loss
+    if retain_kind == "kl":
+        retain = L.kl_to_reference(lg, ref_logits[:, :-1], ts.answer * (1 - f))
+    else:
+        retain = L.nll_loss(lg, ts.targets, ts.answer * (1 - f))
+    route = jnp.zeros((), jnp.float32)
+    if router_logits:
+        tgt = jnp.broadcast_to(expert[:, None], ts.answer.shape)
+        route = sum(L.router_cross_entropy(r[:, 1:], tgt, ts.answer) for r in router_logits) / len(router_logits)
+    total = lc.beta * forget + lc.gamma * retain + lc.mu_route * route
+    return total, {"forget_ihl": forget, "retain": retain, "route": route}
+
+
+def alter_a_terms(logits, ts: TokenSets, settings: StepSettings):
+    """L_A (NLL on high-entropy tokens) + λ·drift penalty (owner: shared A)."""
+    lc = settings.loss
+    lg = logits[:, :-1]
+    la = L.nll_loss(lg, ts.targets, ts.high)
+    struct_ = jnp.zeros((), jnp.float32)
+    if lc.struct_penalty == "drift":
+        struct_ = L.entropy_drift_penalty(tsallis_entropy(lg, settings.q), ts.base_entropy, ts.high)
+    return la + lc.lambda_struct * struct_, {"nll_high": la, "struct": struct_}
+
+
+def _ctx(batch: Batch, sow: bool):
+    """Hard routing: forget rows to their sub-domain's expert, retain rows to expert 0."""
+    n_retain = batch["retain"]["input_ids"].shape[0]
+    expert = jnp.concatenate([batch["forget"]["expert"], jnp.zeros((n_retain,), jnp.int32)]).astype(jnp.int32)
+    return expert, HardRouting(expert=expert, entropy=_concat(batch, "entropy") if sow else None)
+
+
+def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    """Loss, metrics and isolated gradients of ALTER / AsymLoRA (one forward, two pullbacks)."""
+    n_forget = batch["forget"]["input_ids"].shape[0]
+    ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
+    sow = "router" in trainable
+    expert, ctx = _ctx(batch, sow)
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings)
+    ref = reference_logits(frozen, trainable, ids, mask) if (settings.loss.retain_loss == "kl") else None
+
+    (logits, router_logits), pullback = jax.vjp(
+        lambda tr: forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, sow_router=sow), trainable
+    )
+    (lb, mb), (d_logits_b, d_router) = jax.value_and_grad(
+        lambda lg, rl: alter_b_terms(lg, rl, ts, expert, settings, ref), argnums=(0, 1), has_aux=True
+    )(logits, router_logits)
+    (grads,) = pullback((d_logits_b, d_router))
+    grads = {g: grads[g] for g in trainable if g != "shared_a"}
+    la, ma = jnp.zeros((), jnp.float32), {}
+    if "shared_a" in trainable:
+        (la, ma), d_logits_a = jax.value_and_grad(lambda lg: alter_a_terms(lg, ts, settings), has_aux=True)(logits)
+        zeros_r = [jnp.zeros_like(r) for r in router_logits]
+        (grads_a,) = pullback((d_logits_a, zeros_r))
+        grads["shared_a"] = grads_a["shared_a"]
+    metrics = {"loss": lb + la, **mb, **ma, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
+    return lb + la, metrics, grads
+
+
+def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings, terms=("forget", "retain", "a", "route")):
+    """The ``stop_gradient`` formulation of ALTER's loss (reference for the tests).
+
+    B-terms see ``stop_gradient(A)``, A-terms see ``stop_gradient(B)``; the router input is
+    ``stop_gradient(x)``. ``terms`` selects which terms are summed.
+    """
+    n_forget = batch["forget"]["input_ids"].shape[0]
+    ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
+    sow = "router" in trainable
+    expert, ctx = _ctx(batch, sow)
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings)
+    sg = jax.lax.stop_gradient
+    tr_b = {g: (sg(s) if g == "shared_a" else s) for g, s in trainable.items()}
+    tr_a = {g: (s if g == "shared_a" else sg(s)) for g, s in trainable.items()}
+    logits_b, router_b = forward(frozen.graphdef, tr_b, frozen.parts, ids, mask, ctx, sow_router=sow)
+    logits_a, _ = forward(frozen.graphdef, tr_a, frozen.parts, ids, mask, ctx, sow_router=sow)
+    _, mb = alter_b_terms(logits_b, router_b, ts, expert, settings)
+    _, ma = alter_a_terms(logits_a, ts, settings)
+    lc = settings.loss
+    parts = {
+        "forget": lc.beta * mb["forget_ihl"],
+        "retain": lc.gamma * mb["retain"],
+        "route": lc.mu_route * mb["route"],
+        "a": ma["nll_high"] + lc.lambda_struct * ma["struct"],
+    }
+    return sum(parts[t] for t in terms)
+
+
+# ----------------------------------------------------------------------------- other methods
+def generic_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    """GA / GradDiff / KL / NPO / NPO-GD / NPO-KL / SimNPO, full-parameter or LoRA (E = 1)."""
+    spec, lc = settings.method, settings.loss
+    n_forget = batch["forget"]["input_ids"].shape[0]
+    ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
+    logits, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask)
+    lg, tg, m = L.shift_logits_labels(logits, labels)
+    f = (jnp.arange(ids.shape[0]) < n_forget).astype(jnp.float32)[:, None]
+    mf, mr = m * f, m * (1 - f)
+    needs_ref = spec.forget_loss == "npo" or spec.retain_loss == "kl" or lc.retain_loss == "kl"
+    ref = reference_logits(frozen, trainable, ids, mask)[:, :-1] if needs_ref else None
+    if spec.forget_loss == "ga":
+        forget = L.gradient_ascent_loss(lg, tg, mf)
+    elif spec.forget_loss == "npo":
+        forget = L.npo_loss(lg, ref, tg, mf, beta=lc.npo_beta)
+    elif spec.forget_loss == "simnpo":
+        forget = L.simnpo_loss(lg, tg, mf, beta=lc.simnpo_beta, gamma=lc.simnpo_gamma)
+    else:
+        raise ValueError(f"method {spec.name}: unknown forget loss {spec.forget_loss}")
+    retain_kind = lc.retain_loss or spec.retain_loss
+    retain = jnp.zeros((), jnp.float32)
+    if retain_kind == "nll":
+        retain = L.nll_loss(lg, tg, mr)
+    elif retain_kind == "kl":
+        retain = L.kl_to_reference(lg, ref, mr)
+    total = lc.beta * forget + (lc.gamma * retain if retain_kind else 0.0)
+    return total, {"loss": total, "forget": forget, "retain": retain}
+
+
+def phase1_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    """Phase I: a single head ``B_s`` (the retain expert slot) and ``A`` learn next-token
+    NLL on the high-entropy answer tokens of forget ∪ retain (spec §4)."""
+    n_forget = batch["forget"]["input_ids"].shape[0]
+    ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings)
+    logits, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, None)
+    loss = L.nll_loss(logits[:, :-1], ts.targets, ts.high)
+    return loss, {"loss": loss, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
+
+
+def loss_and_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    if settings.phase == "phase1":
+        (loss, metrics), grads = jax.value_and_grad(phase1_loss, has_aux=True)(trainable, frozen, batch, settings)
+        return loss, metrics, grads
+    if settings.method.asymmetric:
+        return alter_grads(trainable, frozen, batch, settings)
+    (loss, metrics), grads = jax.value_and_grad(generic_loss, has_aux=True)(trainable, frozen, batch, settings)
+    return loss, metrics, grads
+
+
+def train_step(state: TrainState, frozen: Frozen, batch: Batch, *, settings: StepSettings, tx: optax.GradientTransformation):
+    """One optimizer step. Pure; jit it with :func:`jit_train_step`."""
+    loss, metrics, grads = loss_and_grads(state.trainable, frozen, batch, settings)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+
+def jit_train_step(settings: StepSettings, tx, *, in_shardings=None, out_shardings=None, donate: bool = True):
+    """``jax.jit`` of :func:`train_step` with the static settings bound (compiled once)."""
+    fn = functools.partial(train_step, settings=settings, tx=tx)
+    kw = {}
+    if in_shardings is not None:
+        kw.update(in_shardings=in_shardings, out_shardings=out_shardings)
+    return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
+
+
+def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable))
