@@ -1,0 +1,92 @@
+"""Data preparation before training: encoding, backbone token entropy, sub-domains.
+
+The backbone is frozen, so the entropy of the distribution behind every answer token
+(spec §2) is computed once per example here, not in every step; the same pass gives
+the answer embeddings used for sub-domain clustering (spec §3).
+
+Arrays are dicts of numpy arrays with a leading example axis: ``input_ids``,
+``attention_mask``, ``labels`` (int32 [N, T]), ``entropy`` (float32 [N, T], entry t is
+the backbone entropy behind token t, 0 where not scored) and ``expert`` (int32 [N]).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alter_jax.clustering import assign_subdomains
+from alter_jax.data.batching import encode_rows
+from alter_jax.entropy import tsallis_entropy
+
+Arrays = dict[str, np.ndarray]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "q"))
+def _entropy_and_embedding(graphdef, state, ids, mask, labels, *, q: float):
+    model = nnx.merge(graphdef, state)
+    out = model.forward(ids, mask)
+    s = tsallis_entropy(out.logits[:, :-1], q)  # entropy behind token t+1
+    scored = labels[:, 1:] != -100
+    entropy = jnp.pad(jnp.where(scored, s, 0.0), ((0, 0), (1, 0)))
+    answer = (labels != -100).astype(jnp.float32)[..., None]
+    emb = jnp.sum(out.hidden.astype(jnp.float32) * answer, 1) / jnp.maximum(jnp.sum(answer, 1), 1.0)
+    return entropy, emb
+
+
+def backbone_entropy_and_embeddings(model, arrays: Arrays, q: float, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(entropy float32[N, T], answer embedding float32[N, D])`` from the frozen backbone
+    (adapters off: call this before adapters are added, or on an unadapted model)."""
+    graphdef, state = nnx.split(model)
+    n = len(arrays["input_ids"])
+    ents, embs = [], []
+    for s in range(0, n, batch_size):
+        sl = slice(s, min(n, s + batch_size))
+        chunk = [arrays[k][sl] for k in ("input_ids", "attention_mask", "labels")]
+        pad = batch_size - len(chunk[0])
+        if pad:  # static shapes: pad the last batch, drop the rows after
+            chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
+        e, m = _entropy_and_embedding(graphdef, state, *map(jnp.asarray, chunk), q=q)
+        ents.append(np.asarray(e)[: batch_size - pad])
+        embs.append(np.asarray(m)[: batch_size - pad])
+    return np.concatenate(ents).astype(np.float32), np.concatenate(embs).astype(np.float32)
+
+
+def encode(tokenizer, rows: Sequence[dict], fmt: str, max_length: int) -> Arrays:
+    return {k: np.asarray(v, np.int32) for k, v in encode_rows(tokenizer, rows, fmt, max_length).items()}
+
+
+def answer_token_values(arrays: Arrays, key: str = "entropy") -> np.ndarray:
+    """All scored answer-token values (1-D), e.g. for fitting an entropy threshold."""
+    scored = np.zeros_like(arrays["labels"], bool)
+    scored[:, 1:] = arrays["labels"][:, 1:] != -100
+    return arrays[key][scored]
+
+
+def subdomain_experts(
+    rows: Sequence[dict], embeddings: np.ndarray, *, domain_field: str, num: int, max_num: int, seed: int
+) -> tuple[np.ndarray, int, dict]:
+    """Forget expert per example (1..N) from given domain labels or k-means on embeddings.
+
+    Returns ``(expert int32[N], N, info)``.
+    """
+    labels = [r.get(domain_field) for r in rows] if rows and all(domain_field in r for r in rows) else None
+    n = len(embeddings)
+    if labels is None and n < 3:
+        return np.ones((n,), np.int32), 1, {"source": "single"}
+    k_range = (2, max(2, min(max_num, n - 1)))
+    result = assign_subdomains(
+        None if labels is not None else jnp.asarray(embeddings),
+        num=(num or None),
+        k_range=k_range,
+        key=jax.random.key(seed),
+        labels=labels,
+    )
+    info = {"source": "labels" if labels is not None else "kmeans", "num": int(result.num)}
+    if result.silhouette is not None:
+        info["silhouette"] = {str(k): float(v) for k, v in result.silhouette.items()}
+    return np.asarray(result.labels, np.int32) + 1, int(result.num), info
