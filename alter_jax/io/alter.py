@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 from alter_jax.adapters.inject import adapted_layers, add_adapters
 from alter_jax.adapters.lora import GROUPS, AdapterConfig
 from alter_jax.io.hf import CheckpointError, atomic_dir
-from alter_jax.models.llama import AdaptableLinear, Transformer, linear_layers
+from alter_jax.models.llama import TARGET_MODULES, AdaptableLinear, Transformer, linear_layers
 
 FORMAT_NAME = "alter-adapter"
 FORMAT_VERSION = 1
@@ -163,8 +163,12 @@ def save_alter_adapter(model: Transformer, out_dir: str | os.PathLike, *, extra:
     return out_dir
 
 
-def _natural(path: str):
-    return [int(p) if p.isdigit() else p for p in path.split(".")]
+def _natural(path: str) -> tuple:
+    """Model order: layer index, then projection in :data:`TARGET_MODULES` order (q, k, v, o, gate, up, down)."""
+    parts = path.split(".")
+    idx = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+    name = parts[-1]
+    return (idx, TARGET_MODULES.index(name) if name in TARGET_MODULES else len(TARGET_MODULES), path)
 
 
 # ----------------------------------------------------------------------------- load
