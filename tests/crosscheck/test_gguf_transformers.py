@@ -122,7 +122,7 @@ def tofu_questions(tofu_dir: Path, n: int = 8) -> list[str]:
 
 @pytest.fixture(scope="session")
 def smollm2_torch(smollm2_hf, smollm2_gguf):
-    return assert_same_model_and_tokens(smollm2_hf, smollm2_gguf, PROMPTS[1:])
+    return assert_same_model_and_tokens(smollm2_hf, smollm2_gguf, PROMPTS)
 
 
 def test_smollm2_matches_transformers_gguf_loader(smollm2_torch, smollm2_hf):
