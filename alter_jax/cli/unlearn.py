@@ -1,0 +1,66 @@
+"""``bin/unlearn``: run (or resume) an unlearning job from a Python config file.
+
+    bin/unlearn                                   # the demo (configs/demo.py)
+    bin/unlearn --config configs/tofu_10.py --dry-run
+    bin/unlearn --config configs/tofu_10.py --config.optim.lr_b=5e-4 --config.output_dir=runs/x
+
+Rerunning the same command resumes from the last checkpoint of ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from alter_jax.cli.common import DEFAULT_CONFIG, CliError, build_run_config, split_overrides
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unlearn",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config key can be overridden as --config.SECTION.KEY=VALUE (e.g. --config.train.method=lora_gd).",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="Python config file with get_config() (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, resolve the model and print the plan; no weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest, overrides = split_overrides(argv)
+    args = parser().parse_args(rest)
+    run = build_run_config(args.config, overrides)
+    if args.dry_run:
+        from alter_jax.train.loop import plan
+
+        try:
+            info = plan(run)
+        except Exception as e:  # resolution errors carry their own message
+            raise CliError(f"{args.config}: model {run.model.name!r}: {e}") from None
+        if args.json:
+            print(json.dumps({k: v for k, v in info.items() if k != "memory_table"}, indent=2, default=str))
+        else:
+            print(f"config      {args.config}")
+            print(f"model       {run.model.name} -> {info['model']} ({info['model_type']})")
+            print(f"method      {info['method']}   output_dir {run.output_dir}")
+            print("parameters per group:")
+            for g, n in info["param_counts"].items():
+                mark = "trainable" if g in info["trainable"] else "frozen"
+                print(f"  {g:16s} {n:>15,d}  {mark}")
+            if "memory_table" in info:
+                print(info["memory_table"])
+        return 0
+    from alter_jax.train.loop import unlearn
+
+    report = unlearn(run, progress=not args.no_progress)
+    print(f"report: {run.output_dir}/report.json   result: {report['result']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

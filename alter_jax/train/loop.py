@@ -1,0 +1,450 @@
+"""The unlearning run: config -> model + adapters -> batches -> step -> checkpoints -> report.
+
+One loop for every method. Side effects (files, progress bar) stay here; the numerics
+live in :mod:`alter_jax.train.step`. A run folder holds::
+
+    config.json        the resolved config (a rerun with another config is refused)
+    data_info.json     sizes, entropy threshold, sub-domains
+    metrics.jsonl      one line per step
+    checkpoints/       Orbax checkpoints (state + data position), atomic
+    adapter/ | model/  the result (ALTER adapter, PEFT LoRA, or a full HF model)
+    report.json        before/after metrics, wall time
+    plots/             loss curves, entropy histogram
+
+Restarting the same command resumes from the last checkpoint and ends with the same
+parameters as an uninterrupted run (bitwise on CPU: data order is a function of
+(seed, epoch) and the step is deterministic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from alter_jax import config as C
+from alter_jax.adapters.inject import add_adapters, count_params
+from alter_jax.data.batching import batch_indices, forget_retain_batches
+from alter_jax.entropy import fit_threshold
+from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
+from alter_jax.train.methods import MethodSpec, get_method
+from alter_jax.train.optim import group_learning_rates, make_optimizer
+from alter_jax.train.prepare import answer_token_values, backbone_entropy_and_embeddings, encode, subdomain_experts
+from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model
+
+SIDES = ("forget", "retain")
+
+
+class RunConflict(RuntimeError):
+    """The output folder holds a run made with another config."""
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model_and_tokenizer(spec: C.ModelSpec):
+    from alter_jax.io.hf import load_pretrained, load_tokenizer, resolve_model_dir
+
+    folder = resolve_run_model(spec.name)
+    model = load_pretrained(folder, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
+    return model, load_tokenizer(folder), folder
+
+
+def resolve_run_model(name: str) -> Path:
+    """A model folder for a config's ``model.name`` (``demo-tiny`` builds the demo model once)."""
+    from alter_jax.demo import DEMO_NAME, ensure_demo_model
+    from alter_jax.io.hf import resolve_model_dir
+
+    return ensure_demo_model() if name == DEMO_NAME else resolve_model_dir(name)
+
+
+def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Forget and retain rows from a TOFU source (hub id, local folder or ``synthetic``)."""
+    from alter_jax.data.tofu import load_tofu_split
+
+    source = data.source
+    if source == "demo":
+        from alter_jax.demo import ensure_demo_model
+
+        source = str(ensure_demo_model().parent / "data")
+    elif source == "synthetic":
+        from alter_jax.data.synthetic import write_tofu_folder
+
+        source = str(output_dir / "data")
+        if not (Path(source) / "full.json").exists():
+            write_tofu_folder(source, num_authors=data.synthetic_authors, forget_authors=data.synthetic_forget_authors,
+                              seed=0)
+    forget = load_tofu_split(data.forget_split, source)
+    retain = load_tofu_split(data.retain_split, source)
+    if data.num_forget:
+        forget = forget[: data.num_forget]
+    if data.num_retain:
+        retain = retain[: data.num_retain]
+    return forget, retain
+
+
+# ----------------------------------------------------------------------------- evaluation
+def answer_probability(logits_fn, arrays, batch_size: int = 8) -> np.ndarray:
+    """Per example ``exp(−mean answer-token NLL)`` (TOFU's forget/retain "Prob.")."""
+    from alter_jax.eval.tofu import answer_nll
+
+    out = []
+    n = len(arrays["input_ids"])
+    for s in range(0, n, batch_size):
+        idx = np.resize(np.arange(s, min(n, s + batch_size)), batch_size)
+        logits = logits_fn(arrays["input_ids"][idx], arrays["attention_mask"][idx])
+        total, count = answer_nll(logits, arrays["labels"][idx])
+        out.append(np.exp(-total / np.maximum(count, 1))[: min(n, s + batch_size) - s])
+    return np.concatenate(out)
+
+
+def quick_eval(logits_fn, generate_fn, tokenizer, rows, arrays, fmt: str, ev: C.EvalConfig) -> dict[str, float]:
+    """Answer probability and ROUGE-L recall of greedy answers on a set of rows."""
+    from alter_jax.eval.tofu import generate_answers, rouge_recall
+
+    n = ev.num_questions or len(rows)
+    rows, arrays = rows[:n], {k: v[:n] for k, v in arrays.items()}
+    prob = answer_probability(logits_fn, arrays, ev.batch_size)
+    _, gens = generate_answers(generate_fn, tokenizer, [r["question"] for r in rows], fmt, batch_size=ev.batch_size,
+                               max_new_tokens=ev.max_new_tokens)
+    rouge = rouge_recall(gens, [r["answer"] for r in rows])
+    rouge = rouge[0] if isinstance(rouge, tuple) else rouge
+    return {"answer_prob": float(np.mean(prob)), "rouge_l_recall": float(np.mean(rouge)), "n": n,
+            "example_answer": gens[0] if gens else ""}
+
+
+def model_eval_fns(model, method: MethodSpec, entropy: C.EntropyConfig, threshold: float):
+    """ALTER / AsymLoRA evaluate through the entropy-gated forward (Eq. 9); others directly."""
+    from alter_jax.generate import model_fns
+
+    if method.asymmetric:
+        from alter_jax.gated import GateConfig, gated_model_fns
+
+        return gated_model_fns(model, GateConfig(q=entropy.q, threshold=threshold, source=entropy.inference_source))
+    return model_fns(model)
+
+
+# ----------------------------------------------------------------------------- plan
+def plan(run: C.RunConfig) -> dict[str, Any]:
+    """Parameter counts per group and a memory estimate, without loading weights."""
+    from alter_jax.io.hf import load_config
+    from alter_jax.models.llama import Transformer
+
+    method = get_method(run.train.method)
+    folder = _config_folder(run.model.name)
+    mcfg = load_config(folder, dtype=run.model.dtype, param_dtype=run.model.param_dtype)
+    n_sub = run.data.num_subdomains or run.data.max_subdomains
+    acfg = dataclasses.replace(run.adapter, num_forget_experts=n_sub if method.asymmetric else 0,
+                               use_router=method.router)
+
+    def build():
+        m = Transformer(mcfg, rngs=nnx.Rngs(0))
+        if method.adapter:
+            add_adapters(m, acfg)
+        return m
+
+    abstract = nnx.eval_shape(build)
+    _, trainable, frozen = split_model(abstract, method.trainable)
+    counts = {g: count_params(s) for g, s in {**frozen, **trainable}.items() if g != "rest"}
+    out = {"model": str(folder), "model_type": mcfg.model_type, "method": method.name, "param_counts": counts,
+           "trainable": {g: count_params(s) for g, s in trainable.items()}}
+    try:
+        from alter_jax.plan import plan_memory
+
+        mem = plan_memory(mcfg, acfg, method, run.train.batch_size * 2, run.model.max_length, run.mesh)
+        out["memory"] = mem.to_dict() if hasattr(mem, "to_dict") else dataclasses.asdict(mem)
+        out["memory_table"] = mem.table()
+    except ImportError:  # planner not installed in this build
+        pass
+    return out
+
+
+def _config_folder(name: str) -> Path:
+    """A folder with the model's config.json, fetching only that file from the hub if needed."""
+    from alter_jax.demo import DEMO_NAME, ensure_demo_model
+
+    if name == DEMO_NAME:
+        return ensure_demo_model()
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    from alter_jax.models.known import config_folder
+
+    return config_folder(name)
+
+
+# ----------------------------------------------------------------------------- the run
+def _config_hash(run: C.RunConfig) -> str:
+    d = C.to_dict(run)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "log_every")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings(method, run, threshold, phase="main") -> StepSettings:
+    return StepSettings(method=method, loss=run.loss, q=run.entropy.q, threshold=float(threshold), phase=phase)
+
+
+def _device_batch(batch: dict) -> dict:
+    return jax.tree_util.tree_map(jnp.asarray, batch)
+
+
+def unlearn(
+    run: C.RunConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    interrupt_after_step: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) one unlearning job; returns the report (also written to report.json).
+
+    ``interrupt_after_step`` simulates a crash right after that step's checkpoint (tests).
+    """
+    t_start = time.perf_counter()
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    snapshot = {"config": C.to_dict(run), "hash": _config_hash(run)}
+    if (out / "config.json").exists():
+        prev = json.loads((out / "config.json").read_text())
+        if prev.get("hash") != snapshot["hash"]:
+            raise RunConflict(f"{out} holds a run with a different config (hash {prev.get('hash')}); "
+                              "choose a new output_dir or delete the folder.")
+    write_json_atomic(out / "config.json", snapshot)
+    method = get_method(run.train.method)
+
+    # -- model, data, entropy, sub-domains (deterministic: recomputed on resume)
+    model, tok, folder = load_model_and_tokenizer(run.model)
+    log(f"model {folder} ({model.cfg.model_type}, {model.cfg.num_params() / 1e6:.1f}M params), method {method.name}")
+    rows = dict(zip(SIDES, load_rows(run.data, out)))
+    arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
+    embeddings = {}
+    for s in SIDES:
+        arrays[s]["entropy"], embeddings[s] = backbone_entropy_and_embeddings(model, arrays[s], run.entropy.q)
+    all_ent = np.concatenate([answer_token_values(arrays[s]) for s in SIDES])
+    threshold = fit_threshold(run.entropy.threshold, all_ent, value=run.entropy.value, q=run.entropy.q,
+                              vocab_size=model.cfg.vocab_size)
+    if method.asymmetric:
+        experts, n_sub, sub_info = subdomain_experts(rows["forget"], embeddings["forget"], domain_field=run.data.domain_field,
+                                                     num=run.data.num_subdomains, max_num=run.data.max_subdomains,
+                                                     seed=run.train.seed)
+    else:
+        experts, n_sub, sub_info = np.zeros(len(rows["forget"]), np.int32), 0, {"source": "none"}
+    arrays["forget"]["expert"] = experts
+    arrays["retain"]["expert"] = np.zeros(len(rows["retain"]), np.int32)
+    data_info = {"forget": len(rows["forget"]), "retain": len(rows["retain"]), "threshold": float(threshold),
+                 "high_entropy_fraction": float(np.mean(all_ent > threshold)), "subdomains": sub_info,
+                 "num_forget_experts": n_sub}
+    write_json_atomic(out / "data_info.json", data_info)
+
+    # -- before
+    eval_rows = {s: rows[s] for s in SIDES}
+    lf, gf = model_eval_fns(model, get_method("ga"), run.entropy, threshold)  # plain backbone
+    before = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval) for s in SIDES}
+    log(_table({"before": before}))
+
+    # -- adapters
+    if method.adapter:
+        acfg = dataclasses.replace(run.adapter, num_forget_experts=n_sub if method.asymmetric else 0,
+                                   use_router=method.router and method.asymmetric)
+        add_adapters(model, acfg, seed=run.train.seed)
+    reference = None
+    if not method.adapter and (method.forget_loss == "npo" or method.retain_loss == "kl" or run.loss.retain_loss == "kl"):
+        reference = jax.tree_util.tree_map(jnp.copy, nnx.state(model, nnx.Param))
+
+    ckpt = RunCheckpointer(out / "checkpoints")
+    metrics_file = out / "metrics.jsonl"
+    steps_per_epoch = len(batch_indices(len(rows["forget"]), run.train.batch_size))
+    total_steps = steps_per_epoch * run.train.epochs
+    if run.train.max_steps:
+        total_steps = min(total_steps, run.train.max_steps)
+
+    # -- phase I (ALTER): A and a single head B_s on high-entropy tokens, then copy B_s to every expert
+    graphdef, trainable, frozen_parts = split_model(model, method.trainable)
+    resumed = ckpt.latest_step()
+    if method.phase1 and run.train.phase1_steps > 0 and resumed is None:
+        trainable, frozen_parts = _phase1(model, method, run, arrays, threshold, progress, metrics_file)
+        graphdef, trainable, frozen_parts = split_model(model, method.trainable)
+
+    frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=reference)
+    lrs = group_learning_rates(method, run.optim)
+    tx = make_optimizer(lrs, run.optim)
+    state = init_state(trainable, tx)
+    position = {"epoch": 0, "batch": 0}
+    if resumed is not None:
+        state, meta, _ = ckpt.restore(state)
+        position = {"epoch": meta["epoch"], "batch": meta["batch"]}
+        log(f"resumed from {ckpt.directory / str(resumed)} (step {int(state.step)}, epoch {position['epoch']}, "
+            f"batch {position['batch']})")
+        _truncate_metrics(metrics_file, int(state.step))
+    elif metrics_file.exists() and not method.phase1:
+        metrics_file.unlink()
+
+    step_fn = jit_train_step(_settings(method, run, threshold), tx)
+    bar = tqdm(total=total_steps, initial=int(state.step), desc=f"unlearn[{method.name}]", disable=not progress)
+    t0, tokens = time.perf_counter(), 0
+    done = int(state.step) >= total_steps
+    for epoch in range(position["epoch"], run.train.epochs):
+        if done:
+            break
+        batches = forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed,
+                                        epoch=epoch)
+        for b_idx, batch in enumerate(batches):
+            if epoch == position["epoch"] and b_idx < position["batch"]:
+                continue
+            batch = _pad_batch(batch, run.train.batch_size)
+            state, m = step_fn(state, frozen, _device_batch(batch))
+            step = int(state.step)
+            tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
+            m = {k: float(v) for k, v in m.items()}
+            rate = tokens / (time.perf_counter() - t0)
+            _append_jsonl(metrics_file, {"step": step, "epoch": epoch, "phase": "main", **m, "tokens_per_s": rate})
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:.0f}")
+            bar.update()
+            last = step >= total_steps
+            nxt = {"epoch": epoch, "batch": b_idx + 1}
+            if step % run.train.checkpoint_every == 0 or last:
+                ckpt.save(step, state, {**nxt, "seed": run.train.seed, "hash": snapshot["hash"]})
+            if interrupt_after_step is not None and step == interrupt_after_step:
+                raise KeyboardInterrupt(f"simulated interruption after step {step}")
+            if last:
+                done = True
+                break
+    bar.close()
+
+    # -- result
+    model = _rebuild(graphdef, state.trainable, frozen_parts)
+    result_dir = _export(model, method, run, out, tok, threshold, data_info)
+    lf, gf = model_eval_fns(model, method, run.entropy, threshold)
+    after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval) for s in SIDES}
+    report = {
+        "method": method.name, "model": str(folder), "steps": int(state.step), "result": str(result_dir),
+        "before": before, "after": after, "data": data_info, "learning_rates": lrs,
+        "trainable_params": {g: count_params(s) for g, s in state.trainable.items()},
+        "wall_s": time.perf_counter() - t_start,
+    }
+    write_json_atomic(out / "report.json", report)
+    _plots(out, metrics_file, arrays, threshold)
+    log(_table({"before": before, "after": after}))
+    return report
+
+
+def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
+    graphdef, trainable, frozen_parts = split_model(model, ("shared_a", "retain_expert"))
+    frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=None)
+    tx = make_optimizer(group_learning_rates(method, run.optim, "phase1"), run.optim)
+    state = init_state(trainable, tx)
+    step_fn = jit_train_step(_settings(method, run, threshold, "phase1"), tx)
+    if metrics_file.exists():
+        metrics_file.unlink()
+    epoch, bar = 0, tqdm(total=run.train.phase1_steps, desc="phase I", disable=not progress)
+    while int(state.step) < run.train.phase1_steps:
+        for batch in forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
+                                           seed=run.train.seed + 7919, epoch=epoch):
+            state, m = step_fn(state, frozen, _device_batch(_pad_batch(batch, run.train.batch_size)))
+            _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **{k: float(v) for k, v in m.items()}})
+            bar.update()
+            if int(state.step) >= run.train.phase1_steps:
+                break
+        epoch += 1
+    bar.close()
+    nnx.update(model, *state.trainable.values())
+    # every expert starts as a copy of B_s (spec §4)
+    from alter_jax.adapters.inject import adapted_layers
+
+    for lin in adapted_layers(model).values():
+        ad = lin.adapter
+        if ad.forget_experts is not None:
+            ad.forget_experts[...] = jnp.broadcast_to(ad.retain_expert[...], ad.forget_experts[...].shape)
+    return split_model(model, method.trainable)[1:]
+
+
+def _rebuild(graphdef, trainable, frozen_parts):
+    from alter_jax.train.step import merge_model
+
+    return merge_model(graphdef, trainable, frozen_parts)
+
+
+def _export(model, method, run, out: Path, tok, threshold, data_info) -> Path:
+    if method.adapter:
+        from alter_jax.io.alter import save_alter_adapter
+
+        extra = {"method": method.name, "entropy": dataclasses.asdict(run.entropy), "threshold": float(threshold),
+                 "base_model": run.model.name, "data": data_info}
+        path = save_alter_adapter(model, out / "adapter", extra=extra)
+        if not method.asymmetric:
+            from alter_jax.io.peft import save_peft_adapter
+
+            save_peft_adapter(model, out / "peft_adapter", base_model_name_or_path=run.model.name)
+        return path
+    from alter_jax.io.hf import save_pretrained
+
+    return save_pretrained(model, out / "model", tokenizer=tok)
+
+
+def _pad_batch(batch: dict, batch_size: int) -> dict:
+    """Static batch shapes: repeat rows of a short last batch (their loss counts twice; rare)."""
+    n = len(batch["forget"]["input_ids"])
+    if n == batch_size:
+        return batch
+    idx = np.resize(np.arange(n), batch_size)
+    return {s: {k: v[idx] for k, v in batch[s].items()} for s in batch}
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    rows = [l for l in path.read_text().splitlines() if l.strip()]
+    keep = [l for l in rows if json.loads(l).get("phase") == "phase1" or json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def _table(res: dict[str, dict[str, dict]]) -> str:
+    lines = [f"{'':8s} {'forget prob':>12s} {'forget ROUGE':>13s} {'retain prob':>12s} {'retain ROUGE':>13s}"]
+    for name, r in res.items():
+        lines.append(f"{name:8s} {r['forget']['answer_prob']:12.4f} {r['forget']['rouge_l_recall']:13.4f} "
+                     f"{r['retain']['answer_prob']:12.4f} {r['retain']['rouge_l_recall']:13.4f}")
+    return "\n".join(lines)
+
+
+def _plots(out: Path, metrics_file: Path, arrays, threshold: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(exist_ok=True)
+    rows = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()] if metrics_file.exists() else []
+    main = [r for r in rows if r.get("phase") == "main"]
+    if main:
+        keys = [k for k in main[0] if k not in ("step", "epoch", "phase", "tokens_per_s", "grad_norm", "high_frac")]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in keys:
+            ax.plot([r["step"] for r in main], [r[k] for r in main], label=k)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.set_title("training losses")
+        fig.tight_layout()
+        fig.savefig(out / "plots" / "loss.png", dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in SIDES:
+        ax.hist(answer_token_values(arrays[s]), bins=50, alpha=0.5, label=f"{s} tokens", density=True)
+    ax.axvline(threshold, color="k", linestyle="--", label=f"θ = {threshold:.3f}")
+    ax.set_xlabel("backbone token entropy S_q")
+    ax.legend()
+    ax.set_title("answer-token entropy")
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "entropy_hist.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,18 @@
+"""ALTER on WMDP (bio + cyber forget corpora, WikiText retain) with HuggingFaceH4/zephyr-7b-beta.
+
+Evaluate with: bin/evaluate mcq --model RUN/model-or-adapter --tasks wmdp-bio,wmdp-cyber,mmlu
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _paper import paper_config  # noqa: E402
+
+
+def get_config():
+    cfg = paper_config(model="HuggingFaceH4/zephyr-7b-beta", prompt_format="zephyr", forget="bio-forget-corpus",
+                       retain="wikitext", source="cais/wmdp-corpora", output_dir="runs/wmdp_zephyr")
+    cfg.model.max_length = 512
+    cfg.data.max_subdomains = 2  # bio and cyber
+    return cfg
