@@ -1,0 +1,109 @@
+"""The unlearning run end to end: demo, resume (bitwise), real TOFU data, bad configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from alter_jax import config as C
+from alter_jax.cli.common import load_config_file, with_defaults
+from alter_jax.train.loop import unlearn
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def demo_run(tmp_path, **sections) -> C.RunConfig:
+    run = C.build(with_defaults(load_config_file(REPO / "configs" / "demo.py")))
+    repl = {k: dataclasses.replace(getattr(run, k), **v) for k, v in sections.items()}
+    return dataclasses.replace(run, output_dir=str(tmp_path), **repl)
+
+
+def test_demo_forgets_and_keeps(tmp_path):
+    report = unlearn(demo_run(tmp_path / "demo"), progress=False, log=lambda *_: None)
+    b, a = report["before"], report["after"]
+    assert b["forget"]["answer_prob"] > 0.9  # the demo model knows the authors
+    assert a["forget"]["answer_prob"] < 0.5 * b["forget"]["answer_prob"]
+    assert a["retain"]["answer_prob"] > 0.9 * b["retain"]["answer_prob"]
+    out = tmp_path / "demo"
+    for f in ("report.json", "metrics.jsonl", "config.json", "plots/loss.png", "plots/entropy_hist.png",
+              "adapter/alter_adapter.safetensors"):
+        assert (out / f).exists(), f
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path):
+    sections = dict(train={"max_steps": 6, "checkpoint_every": 2, "epochs": 1},
+                    eval={"num_questions": 4, "max_new_tokens": 4, "batch_size": 4})
+    straight = demo_run(tmp_path / "straight", **sections)
+    unlearn(straight, progress=False, log=lambda *_: None)
+
+    broken = demo_run(tmp_path / "broken", **sections)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(broken, progress=False, log=lambda *_: None, interrupt_after_step=3)
+    assert not (tmp_path / "broken" / "report.json").exists()
+    logs = []
+    report = unlearn(broken, progress=False, log=logs.append)  # the same command again
+    assert any("resumed from" in str(l) and "step 2" in str(l) for l in logs), logs
+    assert report["steps"] == 6
+    a = load_file(tmp_path / "straight" / "adapter" / "alter_adapter.safetensors")
+    b = load_file(tmp_path / "broken" / "adapter" / "alter_adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    steps = [json.loads(l)["step"] for l in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # metrics of the lost step 3 were replaced, not duplicated
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    from alter_jax.train.checkpoint import CheckpointCorrupt
+
+    sections = dict(train={"max_steps": 2, "checkpoint_every": 2, "epochs": 1},
+                    eval={"num_questions": 2, "max_new_tokens": 2, "batch_size": 2})
+    run = demo_run(tmp_path / "r", **sections)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(run, progress=False, log=lambda *_: None, interrupt_after_step=2)
+    for f in (tmp_path / "r" / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointCorrupt, match=r"checkpoints/2 cannot be restored"):
+        unlearn(run, progress=False, log=lambda *_: None)
+
+
+def test_rerun_with_other_config_is_refused(tmp_path):
+    from alter_jax.train.loop import RunConflict
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"hash": "something-else"}))
+    with pytest.raises(RunConflict, match="different config"):
+        unlearn(demo_run(tmp_path / "r"), progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optim.lr_bb=1", "unknown config key config.optim.lr_bb; valid keys here: clip_norm"),
+    ("--config.optim.lr_b=fast", "expected float"),
+    ("--config.train.method=magic", "choose one of alter, asymlora"),
+    ("--config.entropy.threshold=otsu", "choose one of 'fixed', 'quantile', 'bimodal'"),
+    ("--config.nosuch.key=1", "unknown config key config.nosuch"),
+])
+def test_bad_config_fails_before_work_with_choices(override, message):
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "unlearn"), override], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_dry_run_prints_plan_without_weights(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "unlearn"), "--config", str(REPO / "configs" / "tofu_10.py"),
+                           "--dry-run", "--json"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["param_counts"]["backbone"] == 6_738_415_616  # Llama-2-7b
+    assert set(plan["trainable"]) == {"shared_a", "retain_expert", "forget_experts", "router"}
