@@ -135,6 +135,12 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+    """Shape of an array, a ``jax.ShapeDtypeStruct`` or a scalar."""
+    shape = getattr(x, "shape", None)
+    return tuple(np.shape(x) if shape is None else shape)
+
+
 def _axis_product(entry: Any, sizes: Mapping[str, int]) -> int:
     if entry is None:
         return 1
@@ -170,10 +176,16 @@ def spec_for(path: str, shape: Sequence[int], sizes: Mapping[str, int], rules=PA
     return P()
 
 
+def shard_shape(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """Per-device shape of an array of ``shape`` laid out by a fitted ``spec``."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return tuple(-(-d // _axis_product(e, sizes)) for d, e in zip(shape, entries))
+
+
 def tree_specs(tree: Any, sizes: Mapping[str, int] | MeshConfig | Mesh, rules=PARTITION_RULES) -> Any:
     """The pytree of PartitionSpecs for ``tree`` (arrays or ``ShapeDtypeStruct`` leaves)."""
     sizes = axis_sizes(sizes)
-    return jax.tree_util.tree_map_with_path(lambda p, x: spec_for(path_str(p), np.shape(x), sizes, rules), tree)
+    return jax.tree_util.tree_map_with_path(lambda p, x: spec_for(path_str(p), _shape(x), sizes, rules), tree)
 
 
 def state_shardings(tree: Any, mesh: Mesh, rules=PARTITION_RULES) -> Any:
@@ -181,7 +193,7 @@ def state_shardings(tree: Any, mesh: Mesh, rules=PARTITION_RULES) -> Any:
     a ``Frozen``), following :data:`PARTITION_RULES`."""
     sizes = axis_sizes(mesh)
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, spec_for(path_str(p), np.shape(x), sizes, rules)), tree
+        lambda p, x: NamedSharding(mesh, spec_for(path_str(p), _shape(x), sizes, rules)), tree
     )
 
 
@@ -199,8 +211,8 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     ``data x fsdp`` devices do not divide (logged once)."""
     sizes = axis_sizes(mesh)
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, fit_spec(P(BATCH_AXES), np.shape(x), sizes, where=f"batch {path_str(p)}"))
-        if np.ndim(x) > 0
+        lambda p, x: NamedSharding(mesh, fit_spec(P(BATCH_AXES), _shape(x), sizes, where=f"batch {path_str(p)}"))
+        if len(_shape(x)) > 0
         else NamedSharding(mesh, P()),
         batch,
     )
@@ -289,8 +301,8 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
 def abstract_tree(tree: Any, shardings: Any = None) -> Any:
     """``ShapeDtypeStruct`` per leaf (with ``shardings``' leaf as its target sharding)."""
     if shardings is None:
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(_shape(x), x.dtype), tree)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(_shape(x), x.dtype, sharding=s), tree, shardings)
 
 
 def save_sharded(path: str | Path, pytree: Any, *, force: bool = True) -> Path:
