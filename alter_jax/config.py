@@ -54,7 +54,7 @@ class OptimConfig:
     lr: float = 1e-5  # full-parameter and plain-LoRA methods
     lr_a: float = 1e-5  # ALTER η_A
     lr_b: float = 1e-3  # ALTER η_B (retain and forget experts)
-    lr_router: float = 1e-3
+    lr_router: float = 1e-2
     lr_phase1: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0

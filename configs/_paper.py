@@ -12,7 +12,7 @@ def paper_config(*, model: str, prompt_format: str, forget: str, retain: str, so
         "adapter": {"rank": 8, "alpha": 16.0, "top_k": 3, "tau_high": 0.8, "tau_low": 0.01},
         "entropy": {"q": 1.0, "threshold": "fixed", "value": 1.2},
         "loss": {"beta": 1.0, "gamma": 1.0, "lambda_struct": 0.01},
-        "optim": {"lr_a": 1e-5, "lr_b": 1e-3, "lr_router": 1e-3},
+        "optim": {"lr_a": 1e-5, "lr_b": 1e-3, "lr_router": 1e-2},
         "data": {"source": source, "forget_split": forget, "retain_split": retain, "max_subdomains": 4},
         "train": {"method": "alter", "epochs": 3, "batch_size": 4, "phase1_steps": 0},
         "eval": {"batch_size": 16, "max_new_tokens": 200},

@@ -13,7 +13,7 @@ def get_config() -> ConfigDict:
         "adapter": {"rank": 8, "alpha": 16.0},
         "entropy": {"q": 1.0, "threshold": "quantile", "value": 0.3},
         "loss": {"beta": 1.0, "gamma": 1.0, "lambda_struct": 0.01},
-        "optim": {"lr_a": 1e-5, "lr_b": 1e-3, "lr_router": 1e-3},
+        "optim": {"lr_a": 1e-5, "lr_b": 1e-3, "lr_router": 1e-2},
         "data": {"source": "demo", "forget_split": "forget25", "retain_split": "retain75", "num_subdomains": 2},
         "train": {"method": "alter", "epochs": 3, "batch_size": 4, "phase1_steps": 0, "checkpoint_every": 20},
         "eval": {"batch_size": 8, "max_new_tokens": 32, "num_questions": 40},

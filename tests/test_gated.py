@@ -102,10 +102,15 @@ def test_compiles_once_per_shape():
 
 
 # ----------------------------------------------------------------------------- Eq. 9 on one layer
-def _eq9_numpy(x, s, high, w0, a, experts, router, scale, top_k, tau_high, tau_low):
-    """Reference Eq. 9 (spec §5) in float64: x [B,T,d_in] -> y [B,T,d_out], weights [B,T,E]."""
+def _eq9_numpy(x, s, high, w0, a, experts, router, scale, top_k, tau_high, tau_low, retain_bias=0.0):
+    """Reference Eq. 9 (spec §5) in float64: x [B,T,d_in] -> y [B,T,d_out], weights [B,T,E].
+
+    Router input ``[x / rms(x); S]``, and ``retain_bias`` added to the retain expert's logit
+    (WORKSPACE.md, decision log)."""
     x, w0, a, experts, router = (np.asarray(v, np.float64) for v in (x, w0, a, experts, router))
-    z = np.concatenate([x, np.asarray(s, np.float64)[..., None]], -1) @ router  # [B,T,E]
+    xn = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6)
+    z = np.concatenate([xn, np.asarray(s, np.float64)[..., None]], -1) @ router  # [B,T,E]
+    z[..., 0] += retain_bias
     e = z.shape[-1]
     w = np.zeros_like(z)
     for idx in np.ndindex(*z.shape[:-1]):
@@ -131,7 +136,7 @@ def test_routes_as_specified_on_one_layer(monkeypatch, n_forget):
     d_in = ad.router.shape[0] - 1
     # Hand-set router: a known x part and a strong entropy row, so high/low tokens route differently.
     rng = np.random.default_rng(1)
-    router = np.concatenate([rng.normal(0, 40.0, (d_in, n_forget + 1)),
+    router = np.concatenate([rng.normal(0, 0.5, (d_in, n_forget + 1)),  # x is RMS-normalised
                              np.linspace(-1.0, 1.0, n_forget + 1)[None] * 0.5]).astype(np.float32)
     ad.router[...] = router
     ids, mask = batch(0)
@@ -164,7 +169,8 @@ def test_routes_as_specified_on_one_layer(monkeypatch, n_forget):
 
     cfg = ad.cfg
     ref, w, z = _eq9_numpy(x, np.asarray(ctx.entropy), high, linear_layers(model)[target].kernel[...],
-                           ad.shared_a[...], ad.experts(), router, cfg.scale, cfg.top_k, cfg.tau_high, cfg.tau_low)
+                           ad.shared_a[...], ad.experts(), router, cfg.scale, cfg.top_k, cfg.tau_high, cfg.tau_low,
+                           cfg.retain_bias)
     # no near-ties that would make argmax / top-k ambiguous
     zs = np.sort(z, -1)
     assert np.min((zs[..., -1] - zs[..., -2])[real]) > 1e-4

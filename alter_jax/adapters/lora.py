@@ -76,6 +76,11 @@ class AdapterConfig:
     top_k: int = 3
     tau_high: float = 0.8
     tau_low: float = 0.01
+    # Logit adjustment at inference (Menon et al., 2021): training pairs forget and retain
+    # examples 1:1, deployment sees mostly non-forget text; + retain_bias on the retain
+    # expert's router logit sends ambiguous tokens (shared prompt template, function words)
+    # to the retain expert. 0 = the paper's router as trained (see WORKSPACE.md).
+    retain_bias: float = 2.0
     router_init_std: float = 0.02
 
     @property
@@ -148,8 +153,11 @@ class AsymLoRA(nnx.Module):
         return jnp.concatenate([b_r, self.forget_experts[...]], axis=0)
 
     def router_logits(self, x: jax.Array, entropy: jax.Array) -> jax.Array:
-        """``[stop_grad(x); S] @ W_g`` -> ``[B, T, E]`` (x never receives router gradients)."""
-        inp = jnp.concatenate([jax.lax.stop_gradient(x).astype(jnp.float32), entropy[..., None].astype(jnp.float32)], -1)
+        """``[x̂; S] @ W_g -> [B, T, E]`` with ``x̂ = stop_grad(x) / rms(x)`` (x never receives
+        router gradients; the RMS scaling makes one router learning rate fit every layer type)."""
+        x = jax.lax.stop_gradient(x).astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)  # scale-free across layer types
+        inp = jnp.concatenate([x, entropy[..., None].astype(jnp.float32)], -1)
         return inp @ self.router[...]
 
     def __call__(self, x: jax.Array, ctx: Any) -> jax.Array:
@@ -168,7 +176,8 @@ class AsymLoRA(nnx.Module):
         if isinstance(ctx, GatedRouting):
             if self.router is None:
                 raise ValueError("GatedRouting needs a router (AdapterConfig.use_router=True and N >= 1).")
-            w = gate_weights(self.router_logits(x, ctx.entropy), ctx.high, cfg).astype(self.dtype)  # [B, T, E]
+            z = self.router_logits(x, ctx.entropy).at[..., 0].add(cfg.retain_bias)
+            w = gate_weights(z, ctx.high, cfg).astype(self.dtype)  # [B, T, E]
             mixed = (w[..., :, None] * a[..., None, :]).reshape(*a.shape[:-1], -1)  # [B, T, E*r]
             b_flat = jnp.transpose(experts, (0, 2, 1)).reshape(-1, experts.shape[1])  # [E*r, d_out]
             return cfg.scale * (mixed @ b_flat)

@@ -6,7 +6,7 @@ the answer embeddings used for sub-domain clustering (spec §3).
 
 Arrays are dicts of numpy arrays with a leading example axis: ``input_ids``,
 ``attention_mask``, ``labels`` (int32 [N, T]), ``entropy`` (float32 [N, T], entry t is
-the backbone entropy behind token t, 0 where not scored) and ``expert`` (int32 [N]).
+the backbone entropy behind token t, 0 at position 0 and on padding) and ``expert`` (int32 [N]).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _entropy_and_embedding(graphdef, state, ids, mask, labels, *, q: float):
     model = nnx.merge(graphdef, state)
     out = model.forward(ids, mask)
     s = tsallis_entropy(out.logits[:, :-1], q)  # entropy behind token t+1
-    scored = labels[:, 1:] != -100
-    entropy = jnp.pad(jnp.where(scored, s, 0.0), ((0, 0), (1, 0)))
+    real = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)  # every real token (prompt too: the router sees them all)
+    entropy = jnp.pad(jnp.where(real, s, 0.0), ((0, 0), (1, 0)))
     answer = (labels != -100).astype(jnp.float32)[..., None]
     emb = jnp.sum(out.hidden.astype(jnp.float32) * answer, 1) / jnp.maximum(jnp.sum(answer, 1), 1.0)
     return entropy, emb

@@ -118,9 +118,10 @@ class TokenSets(NamedTuple):
     low: jax.Array  # float [2B, T-1]
     base_entropy: jax.Array  # [2B, T-1] backbone S_q behind each target
     is_forget: jax.Array  # bool [2B]
+    real: jax.Array  # float [2B, T] attention mask (unshifted: the router sees every real token)
 
 
-def token_sets(labels, entropy, n_forget: int, settings: StepSettings) -> TokenSets:
+def token_sets(labels, entropy, n_forget: int, settings: StepSettings, attention_mask=None) -> TokenSets:
     targets = labels[:, 1:]
     answer = (targets != L.IGNORE_INDEX).astype(jnp.float32)
     base = entropy[:, 1:].astype(jnp.float32)
@@ -129,7 +130,8 @@ def token_sets(labels, entropy, n_forget: int, settings: StepSettings) -> TokenS
     else:  # AsymLoRA: every token is low-entropy
         high = jnp.zeros_like(answer)
     is_forget = jnp.arange(labels.shape[0]) < n_forget
-    return TokenSets(targets, answer, high, answer - high, base, is_forget)
+    real = (labels != L.IGNORE_INDEX) if attention_mask is None else attention_mask > 0
+    return TokenSets(targets, answer, high, answer - high, base, is_forget, real.astype(jnp.float32))
 
 
 def _rows(x, is_forget):
@@ -150,8 +152,9 @@ def alter_b_terms(logits, router_logits, ts: TokenSets, expert, settings: StepSe
         retain = L.nll_loss(lg, ts.targets, ts.answer * (1 - f))
     route = jnp.zeros((), jnp.float32)
     if router_logits:
-        tgt = jnp.broadcast_to(expert[:, None], ts.answer.shape)
-        route = sum(L.router_cross_entropy(r[:, 1:], tgt, ts.answer) for r in router_logits) / len(router_logits)
+        # every real token is routed at inference, prompt included: train the router on all of them
+        tgt = jnp.broadcast_to(expert[:, None], ts.real.shape)
+        route = sum(L.router_cross_entropy(r, tgt, ts.real) for r in router_logits) / len(router_logits)
     total = lc.beta * forget + lc.gamma * retain + lc.mu_route * route
     return total, {"forget_ihl": forget, "retain": retain, "route": route}
 
@@ -180,7 +183,7 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
     sow = "router" in trainable
     expert, ctx = _ctx(batch, sow)
-    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings)
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, mask)
     ref = reference_logits(frozen, trainable, ids, mask) if (settings.loss.retain_loss == "kl") else None
 
     (logits, router_logits), pullback = jax.vjp(
@@ -211,7 +214,7 @@ def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepS
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
     sow = "router" in trainable
     expert, ctx = _ctx(batch, sow)
-    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings)
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, mask)
     sg = jax.lax.stop_gradient
     tr_b = {g: (sg(s) if g == "shared_a" else s) for g, s in trainable.items()}
     tr_a = {g: (s if g == "shared_a" else sg(s)) for g, s in trainable.items()}

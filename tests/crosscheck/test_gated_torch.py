@@ -33,8 +33,10 @@ def torch_entropy(logits: torch.Tensor, q: float) -> torch.Tensor:
     return torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1)  # token t <- distribution at t-1
 
 
-def torch_gated_layer(x, s, high, w0, a, experts, router, scale, top_k=3, tau_high=0.8, tau_low=0.01):
-    z = torch.cat([x, s[..., None]], -1) @ router  # [B, T, E]
+def torch_gated_layer(x, s, high, w0, a, experts, router, scale, top_k=3, tau_high=0.8, tau_low=0.01, retain_bias=0.0):
+    xn = x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + 1e-6)  # router input [x / rms(x); S]
+    z = torch.cat([xn, s[..., None]], -1) @ router  # [B, T, E]
+    z = z + torch.nn.functional.one_hot(torch.zeros_like(z[..., 0], dtype=torch.long), z.shape[-1]) * retain_bias
     g_hi = torch.softmax(z / tau_high, -1)
     vals, idx = torch.topk(g_hi, top_k, dim=-1)
     w_hi = torch.zeros_like(g_hi).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
@@ -63,7 +65,8 @@ def test_gated_layer_matches_torch(num_experts, q):
     vals = np.sort(s_t[:, 1:].numpy().ravel())
     theta = float(0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]))  # median split, no token on θ
     high_t = s_t > theta
-    y_t, z_t = torch_gated_layer(t(x), s_t, high_t, t(w0), t(a), t(experts), t(router), cfg.scale)
+    y_t, z_t = torch_gated_layer(t(x), s_t, high_t, t(w0), t(a), t(experts), t(router), cfg.scale,
+                                 retain_bias=cfg.retain_bias)
     assert high_t.any() and (~high_t).any()
     zs = torch.sort(z_t, -1).values
     assert float((zs[..., -1] - zs[..., -2]).min()) > 1e-4 and float((zs[..., -3] - zs[..., -4]).min()) > 1e-4
