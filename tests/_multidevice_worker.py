@@ -20,7 +20,6 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alter_jax.config import LossConfig, MeshConfig, OptimConfig  # noqa: E402

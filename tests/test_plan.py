@@ -12,7 +12,6 @@ saved activations, logits).
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
