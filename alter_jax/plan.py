@@ -146,6 +146,23 @@ class MemoryPlan:
         """``total <= device_bytes`` (``None`` when no device size was given)."""
         return None if self.device_bytes is None else self.total <= self.device_bytes
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: components, totals, parameter counts, mesh and verdict."""
+        return {
+            "components": dict(self.components),
+            "total": self.total,
+            "activations": self.activations,
+            "params": dict(self.params),
+            "trainable": list(self.trainable),
+            "mesh": dict(self.mesh),
+            "batch": self.batch,
+            "local_batch": self.local_batch,
+            "seq_len": self.seq_len,
+            "remat": self.remat,
+            "device_bytes": self.device_bytes,
+            "fits": self.fits,
+        }
+
     def table(self) -> str:
         """A printable table: component, per-device bytes, GiB and share of the total."""
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())

@@ -12,6 +12,8 @@ saved activations, logits).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -89,6 +91,8 @@ def test_table_prints_and_fits():
     small = plan_memory(TINY, ADAPTER, get_method("alter"), 8, 16, MeshConfig(), device_bytes=1000)
     assert small.fits is False and "does NOT fit" in small.table()
     assert plan_memory(TINY, ADAPTER, get_method("alter"), 8, 16, MeshConfig()).fits is None
+    d = plan.to_dict()
+    assert json.loads(json.dumps(d))["total"] == plan.total == sum(d["components"].values()) and d["fits"] is True
     # Adam: two moments of the trained groups only; gradients: one copy
     assert plan.components["optimizer state (Adam m, v)"] == 2 * plan.components["gradients"]
     assert plan.components["gradients"] == 4 * sum(plan.params[g] for g in plan.trainable)  # float32 adapters
