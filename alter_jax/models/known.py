@@ -43,7 +43,7 @@ KNOWN_CONFIGS: dict[str, dict] = {
 
 def config_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """A folder with ``config.json`` for ``name`` without fetching weights."""
-    from alter_jax.models.registry import default_cache_dir, locate_model, lookup
+    from alter_jax.models.registry import default_cache_dir, hub_reachable, locate_model, lookup
 
     p = Path(name).expanduser()
     if p.is_dir():
@@ -74,22 +74,6 @@ def config_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path
             f"({', '.join(sorted(KNOWN_CONFIGS))}). Pass a local model folder."
         )
     return _write(base / "configs" / hub_id.replace("/", "--"), cfg)
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """A quick probe (no retries): False when ``HF_HUB_OFFLINE`` is set or the endpoint
-    does not answer, so offline machines do not wait through the hub client's back-off."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _write(folder: Path, cfg: dict) -> Path:

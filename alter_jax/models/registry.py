@@ -97,6 +97,22 @@ def _offline(offline: bool | None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick probe (no retries): False when ``HF_HUB_OFFLINE`` is set or the endpoint
+    does not answer, so offline machines do not wait through the hub client's back-off."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def lookup(name: str) -> ModelEntry | None:
     """Registry entry of a friendly name (case-insensitive), or None."""
     return REGISTRY.get(name.strip().lower())
@@ -192,6 +208,7 @@ def _snapshot(hub_id: str, offline: bool) -> Path:
     """Local snapshot folder of a hub repo (downloads unless offline); raises on any failure."""
     from huggingface_hub import snapshot_download
 
+    offline = offline or not hub_reachable()  # no retry back-off on machines without the hub
     folder = Path(snapshot_download(hub_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=offline))
     if not any(folder.glob("*.safetensors")):
         raise ModelResolutionError(f"hub repo {hub_id!r} has no *.safetensors weights (pickle .bin files are not fetched)")
