@@ -189,6 +189,25 @@ class DecoderLayer(nnx.Module):
         return x, kv
 
 
+def _remat_layer(layer, x, positions, inv_freq, mask, index, adapter_ctx):
+    """A decoder layer under ``jax.checkpoint`` (activations recomputed in the backward pass).
+
+    The layer is split into a pure function of its state, so this works on models rebuilt
+    inside ``jax.vjp``; intermediates sown during the call (router logits) are merged back.
+    """
+    graphdef, state = nnx.split(layer)
+
+    @jax.checkpoint
+    def run(state, x, positions, mask, adapter_ctx):
+        lyr = nnx.merge(graphdef, state)
+        y, kv = lyr(x, positions, inv_freq, mask, None, index, adapter_ctx)
+        return y, kv, nnx.state(lyr, nnx.Intermediate)
+
+    y, kv, sown = run(state, x, positions, mask, adapter_ctx)
+    nnx.update(layer, sown)
+    return y, kv
+
+
 class ModelOutput(NamedTuple):
     logits: jax.Array  # float32[B, T, V]
     hidden: jax.Array  # [B, T, D] final (normed) hidden state
@@ -252,7 +271,7 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if cfg.remat and cache is None:
-                x, kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions, inv_freq, mask, kv, index, adapter_ctx)
+                x, kv = _remat_layer(layer, x, positions, inv_freq, mask, index, adapter_ctx)
             else:
                 x, kv = layer(x, positions, inv_freq, mask, kv, index, adapter_ctx)
             new_k.append(kv[0])

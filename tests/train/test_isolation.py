@@ -94,3 +94,29 @@ def test_optimizer_has_no_state_for_frozen_groups():
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(state) if hasattr(x, "size") and x.ndim > 0)
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     assert n_state == 2 * n_train  # Adam's two moments for trained groups only
+
+
+def test_remat_gives_the_same_loss_and_gradients(batch):
+    import dataclasses
+
+    from flax import nnx
+
+    from alter_jax.adapters.inject import add_adapters
+    from alter_jax.adapters.lora import AdapterConfig
+    from alter_jax.models.llama import Transformer
+    from tests.train.conftest import TINY
+
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    out = []
+    for remat in (False, True):
+        model = Transformer(dataclasses.replace(TINY, remat=remat), rngs=nnx.Rngs(0))
+        add_adapters(model, AdapterConfig(rank=4, alpha=8, num_forget_experts=2), seed=1)
+        spec = get_method("alter")
+        graphdef, trainable, frozen_parts = split_model(model, spec.trainable)
+        settings = StepSettings(method=spec, loss=LossConfig(), q=1.0, threshold=1.2)
+        out.append(jax.jit(alter_grads, static_argnums=3)(trainable, Frozen(graphdef=graphdef, parts=frozen_parts),
+                                                           batch, settings))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6)
+    assert float(out[1][1]["route"]) > 0  # router logits sown under remat too
+    for a, b in zip(jax.tree_util.tree_leaves(out[0][2]), jax.tree_util.tree_leaves(out[1][2])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
