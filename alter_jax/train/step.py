@@ -170,6 +170,20 @@ def alter_a_terms(logits, ts: TokenSets, settings: StepSettings):
     return la + lc.lambda_struct * struct_, {"nll_high": la, "struct": struct_}
 
 
+def struct_grad_penalty(a_state, trainable, frozen: "Frozen", ids, mask, expert, ts: TokenSets, settings: StepSettings):
+    """``λ‖∇_A mean_{t∈H} S_q(x_t)‖²`` (spec §4, ``struct_penalty="grad"``): double backprop
+    through a forward with every B group stopped; a function of ``A`` only."""
+    sg = jax.lax.stop_gradient
+    ctx = HardRouting(expert=expert)
+
+    def mean_high_entropy(a):
+        tr = {**{g: sg(s) for g, s in trainable.items() if g != "shared_a"}, "shared_a": a}
+        logits, _ = forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx)
+        return L.masked_mean(tsallis_entropy(logits[:, :-1], settings.q), ts.high)
+
+    return settings.loss.lambda_struct * L.structural_penalty(mean_high_entropy, a_state)
+
+
 def _ctx(batch: Batch, sow: bool):
     """Hard routing: forget rows to their sub-domain's expert, retain rows to expert 0."""
     n_retain = batch["retain"]["input_ids"].shape[0]
@@ -200,6 +214,11 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
         zeros_r = [jnp.zeros_like(r) for r in router_logits]
         (grads_a,) = pullback((d_logits_a, zeros_r))
         grads["shared_a"] = grads_a["shared_a"]
+        if settings.loss.struct_penalty == "grad":
+            pen, g_pen = jax.value_and_grad(struct_grad_penalty)(
+                trainable["shared_a"], trainable, frozen, ids, mask, expert, ts, settings)
+            grads["shared_a"] = jax.tree_util.tree_map(jnp.add, grads["shared_a"], g_pen)
+            la, ma = la + pen, {**ma, "struct": pen / max(settings.loss.lambda_struct, 1e-12)}
     metrics = {"loss": lb + la, **mb, **ma, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
     return lb + la, metrics, grads
 
@@ -229,6 +248,8 @@ def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepS
         "route": lc.mu_route * mb["route"],
         "a": ma["nll_high"] + lc.lambda_struct * ma["struct"],
     }
+    if lc.struct_penalty == "grad" and "shared_a" in trainable:
+        parts["a"] = parts["a"] + struct_grad_penalty(trainable["shared_a"], tr_a, frozen, ids, mask, expert, ts, settings)
     return sum(parts[t] for t in terms)
 
 

@@ -29,9 +29,10 @@ def leaves_max(tree):
     return max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
+@pytest.mark.parametrize("struct_penalty", ["drift", "grad"])
 @pytest.mark.parametrize("term", list(OWNER))
-def test_each_term_only_reaches_its_own_group(batch, term):
-    trainable, frozen, settings = setup()
+def test_each_term_only_reaches_its_own_group(batch, term, struct_penalty):
+    trainable, frozen, settings = setup(struct_penalty=struct_penalty)
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
     grads = jax.grad(alter_isolated_loss)(trainable, frozen, batch, settings, terms=(term,))
     assert set(grads) == set(trainable) and "backbone" not in grads  # the backbone is never differentiated
@@ -53,7 +54,7 @@ def test_forget_expert_isolation_between_subdomains(batch):
         assert not np.any(np.asarray(leaf[1]))
 
 
-@pytest.mark.parametrize("struct_penalty", ["drift", "none"])
+@pytest.mark.parametrize("struct_penalty", ["drift", "none", "grad"])
 def test_one_forward_two_pullbacks_equals_stop_gradient_formulation(batch, struct_penalty):
     trainable, frozen, settings = setup(struct_penalty=struct_penalty)
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
