@@ -64,7 +64,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # synthetic | locuslab/TOFU | a local TOFU folder
+    kind: str = "qa"  # qa (TOFU-style question/answer rows) | text (plain corpora: WMDP, MUSE)
+    source: str = "synthetic"  # synthetic | demo | locuslab/TOFU | a local folder | a hub id
     forget_split: str = "forget01"
     retain_split: str = "retain99"
     num_forget: int = 0  # 0 = all rows of the split
@@ -121,6 +122,7 @@ CHOICES = {
     ("entropy", "inference_source"): ("base", "self"),
     ("loss", "struct_penalty"): ("drift", "grad", "none"),
     ("loss", "retain_loss"): ("", "nll", "kl"),
+    ("data", "kind"): ("qa", "text"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("model", "param_dtype"): ("float32", "bfloat16", "float16"),
 }

@@ -11,4 +11,5 @@ def get_config():
     cfg = paper_config(model="muse-bench/MUSE-news_target", prompt_format="plain", forget="forget", retain="retain1",
                        source="muse-bench/MUSE-News", output_dir="runs/muse_news")
     cfg.model.max_length = 512
+    cfg.data.kind = "text"
     return cfg

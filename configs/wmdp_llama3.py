@@ -1,4 +1,4 @@
-"""ALTER on WMDP (bio + cyber forget corpora, WikiText retain) with meta-llama/Meta-Llama-3-8B-Instruct.
+"""ALTER on WMDP (bio + cyber forget corpora, each its own forget expert; bio retain corpus) with meta-llama/Meta-Llama-3-8B-Instruct.
 
 Evaluate with: bin/evaluate mcq --model RUN/model-or-adapter --tasks wmdp-bio,wmdp-cyber,mmlu
 """
@@ -11,8 +11,8 @@ from _paper import paper_config  # noqa: E402
 
 
 def get_config():
-    cfg = paper_config(model="meta-llama/Meta-Llama-3-8B-Instruct", prompt_format="llama3", forget="bio-forget-corpus",
-                       retain="wikitext", source="cais/wmdp-corpora", output_dir="runs/wmdp_llama3")
+    cfg = paper_config(model="meta-llama/Meta-Llama-3-8B-Instruct", prompt_format="llama3", forget="bio-forget-corpus,cyber-forget-corpus",
+                       retain="bio-retain-corpus", source="cais/wmdp-corpora", output_dir="runs/wmdp_llama3")
     cfg.model.max_length = 512
-    cfg.data.max_subdomains = 2  # bio and cyber
-    return cfg
+    cfg.data.kind = "text"
+        return cfg

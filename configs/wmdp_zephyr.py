@@ -1,4 +1,4 @@
-"""ALTER on WMDP (bio + cyber forget corpora, WikiText retain) with HuggingFaceH4/zephyr-7b-beta.
+"""ALTER on WMDP (bio + cyber forget corpora, each its own forget expert; bio retain corpus) with HuggingFaceH4/zephyr-7b-beta.
 
 Evaluate with: bin/evaluate mcq --model RUN/model-or-adapter --tasks wmdp-bio,wmdp-cyber,mmlu
 """
@@ -11,8 +11,8 @@ from _paper import paper_config  # noqa: E402
 
 
 def get_config():
-    cfg = paper_config(model="HuggingFaceH4/zephyr-7b-beta", prompt_format="zephyr", forget="bio-forget-corpus",
-                       retain="wikitext", source="cais/wmdp-corpora", output_dir="runs/wmdp_zephyr")
+    cfg = paper_config(model="HuggingFaceH4/zephyr-7b-beta", prompt_format="zephyr", forget="bio-forget-corpus,cyber-forget-corpus",
+                       retain="bio-retain-corpus", source="cais/wmdp-corpora", output_dir="runs/wmdp_zephyr")
     cfg.model.max_length = 512
-    cfg.data.max_subdomains = 2  # bio and cyber
-    return cfg
+    cfg.data.kind = "text"
+        return cfg

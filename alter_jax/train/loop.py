@@ -81,8 +81,18 @@ def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[di
         if not (Path(source) / "full.json").exists():
             write_tofu_folder(source, num_authors=data.synthetic_authors, forget_authors=data.synthetic_forget_authors,
                               seed=0)
-    forget = load_tofu_split(data.forget_split, source)
-    retain = load_tofu_split(data.retain_split, source)
+    if data.kind == "text":
+        from alter_jax.data.corpus import load_text_split
+
+        def load(names: str) -> list[dict]:  # "a,b": several corpora, each its own sub-domain
+            parts = [n.strip() for n in names.split(",") if n.strip()]
+            rows = [dict(r, domain=n) if len(parts) > 1 else r for n in parts for r in load_text_split(n, source)]
+            return rows
+
+        forget, retain = load(data.forget_split), load(data.retain_split)
+    else:
+        forget = load_tofu_split(data.forget_split, source)
+        retain = load_tofu_split(data.retain_split, source)
     if data.num_forget:
         forget = forget[: data.num_forget]
     if data.num_retain:
@@ -112,6 +122,8 @@ def quick_eval(logits_fn, generate_fn, tokenizer, rows, arrays, fmt: str, ev: C.
     n = ev.num_questions or len(rows)
     rows, arrays = rows[:n], {k: v[:n] for k, v in arrays.items()}
     prob = answer_probability(logits_fn, arrays, ev.batch_size)
+    if "question" not in rows[0]:  # text corpora: token probability only (MCQ / MUSE: bin/evaluate)
+        return {"answer_prob": float(np.mean(prob)), "rouge_l_recall": float("nan"), "n": n, "example_answer": ""}
     _, gens = generate_answers(generate_fn, tokenizer, [r["question"] for r in rows], fmt, batch_size=ev.batch_size,
                                max_new_tokens=ev.max_new_tokens)
     rouge = rouge_recall(gens, [r["answer"] for r in rows])
@@ -222,7 +234,12 @@ def unlearn(
     model, tok, folder = load_model_and_tokenizer(run.model)
     log(f"model {folder} ({model.cfg.model_type}, {model.cfg.num_params() / 1e6:.1f}M params), method {method.name}")
     rows = dict(zip(SIDES, load_rows(run.data, out)))
-    arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
+    if run.data.kind == "text":
+        from alter_jax.data.corpus import encode_texts
+
+        arrays = {s: encode_texts(tok, rows[s], run.model.max_length) for s in SIDES}
+    else:
+        arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
     embeddings = {}
     for s in SIDES:
         arrays[s]["entropy"], embeddings[s] = backbone_entropy_and_embeddings(model, arrays[s], run.entropy.q)

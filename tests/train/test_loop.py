@@ -107,3 +107,21 @@ def test_dry_run_prints_plan_without_weights(tmp_path):
     plan = json.loads(proc.stdout)
     assert plan["param_counts"]["backbone"] == 6_738_415_616  # Llama-2-7b
     assert set(plan["trainable"]) == {"shared_a", "retain_expert", "forget_experts", "router"}
+
+
+def test_text_corpora_each_corpus_is_a_subdomain(tmp_path):
+    from alter_jax.data.synthetic import generate_authors
+
+    rows = generate_authors(6, seed=1)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name, chunk in (("bio", rows[:20]), ("cyber", rows[20:40]), ("retain", rows[40:])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": r["answer"]}) + "\n" for r in chunk))
+    run = demo_run(tmp_path / "run", data={"kind": "text", "source": str(folder), "forget_split": "bio,cyber",
+                                            "retain_split": "retain", "num_subdomains": 0},
+                   train={"max_steps": 2, "epochs": 1}, model={"max_length": 48},
+                   eval={"num_questions": 4, "batch_size": 4})
+    report = unlearn(run, progress=False, log=lambda *_: None)
+    assert report["data"]["subdomains"]["source"] == "labels"
+    assert report["data"]["num_forget_experts"] == 2
+    assert report["steps"] == 2 and np.isfinite(report["after"]["forget"]["answer_prob"])
