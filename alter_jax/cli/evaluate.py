@@ -82,8 +82,7 @@ def _tofu_aggregate_args(p: argparse.ArgumentParser) -> Runner:
 
 @subcommand("tofu", help="run the TOFU evaluation on a model (writes legacy logs + summary.json)")
 def _tofu_args(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--model", required=True, help="HF model folder or hub id (loaded with alter_jax.io.hf)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder / id (default: --model)")
+    _model_args(p)
     p.add_argument("--out", required=True, help="output folder for the logs")
     p.add_argument("--data", default="locuslab/TOFU", help="TOFU folder or hub id (default locuslab/TOFU)")
     p.add_argument("--forget-split", default="forget10", help="forget01 / forget05 / forget10")
@@ -99,12 +98,8 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
 
     def run(args: argparse.Namespace) -> int:
         from alter_jax.eval.tofu import evaluate_tofu
-        from alter_jax.generate import model_fns
-        from alter_jax.io.hf import load_pretrained, load_tokenizer
 
-        tok = load_tokenizer(args.tokenizer or args.model)
-        model = load_pretrained(args.model, dtype=args.dtype)
-        logits_fn, generate_fn = model_fns(model)
+        logits_fn, generate_fn, tok = _load_model(args)
         res = evaluate_tofu(
             logits_fn, generate_fn, tok, args.out, forget_split=args.forget_split, source=args.data,
             fmt=args.prompt_format, ds_size=args.ds_size or None, batch_size=args.batch_size,
@@ -112,6 +107,64 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
             max_new_tokens=args.max_new_tokens, retain_logs=args.retain_logs, progress=not args.no_progress,
         )
         print(json.dumps({k: res.get(k) for k in ("forget_quality", "model_utility", "parts", "forget")}, indent=2))
+        return 0
+
+    return run
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="HF model folder, hub id, registry name or .gguf")
+    g.add_argument("--run", help="a bin/unlearn output folder (ALTER/AsymLoRA: entropy-gated forward)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder / id (default: the model's)")
+
+
+def _load_model(args: argparse.Namespace):
+    """(logits_fn, generate_fn, tokenizer) for --model or --run."""
+    from alter_jax.io.hf import load_tokenizer
+
+    if getattr(args, "run", None):
+        from alter_jax.train.loop import load_run_result
+
+        _, tok, lf, gf = load_run_result(args.run)
+    else:
+        from alter_jax.generate import model_fns
+        from alter_jax.io.hf import load_pretrained
+
+        lf, gf = model_fns(load_pretrained(args.model, dtype=getattr(args, "dtype", "float32")))
+        tok = load_tokenizer(args.model)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    return lf, gf, tok
+
+
+@subcommand("mcq", help="zero-shot multiple choice (WMDP bio/cyber, MMLU) by answer-letter log-likelihood")
+def _mcq_args(p: argparse.ArgumentParser) -> Runner:
+    _model_args(p)
+    p.add_argument("--tasks", default="wmdp-bio,wmdp-cyber,mmlu",
+                   help="comma list: wmdp-bio, wmdp-cyber, mmlu, mmlu:<subject> or local .json/.jsonl/.parquet files")
+    p.add_argument("--limit", type=int, default=None, help="first N questions per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from alter_jax.data.mcq import load_mcq
+        from alter_jax.eval.mcq import evaluate_mcq
+
+        logits_fn, _, tok = _load_model(args)
+        results = {}
+        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+            res = evaluate_mcq(load_mcq(task, limit=args.limit), logits_fn, tok, batch_size=args.batch_size,
+                               progress=not args.no_progress)
+            results[task] = {"accuracy": res.accuracy, "macro_accuracy": res.macro_accuracy,
+                             "per_subject": res.per_subject}
+            print(f"{task:24s} accuracy {res.accuracy:.4f}  (n={len(res.predictions)})")
+        if args.json:
+            from pathlib import Path
+
+            Path(args.json).write_text(json.dumps(results, indent=2, default=float))
         return 0
 
     return run

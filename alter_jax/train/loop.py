@@ -465,3 +465,33 @@ def _plots(out: Path, metrics_file: Path, arrays, threshold: float) -> None:
     fig.tight_layout()
     fig.savefig(out / "plots" / "entropy_hist.png", dpi=100)
     plt.close(fig)
+
+
+def load_run_result(run_dir: str | Path):
+    """``(model, tokenizer, logits_fn, generate_fn)`` of a finished run folder.
+
+    Adapter runs are rebuilt as backbone + adapter (ALTER / AsymLoRA evaluate through the
+    entropy-gated forward with the run's fitted threshold); full-parameter runs load ``model/``.
+    """
+    from alter_jax.io.hf import load_pretrained, load_tokenizer
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.json); pass the output_dir of bin/unlearn")
+    run = C.build(json.loads(cfg_file.read_text())["config"])
+    method = get_method(run.train.method)
+    if (run_dir / "model" / "config.json").is_file():
+        model = load_pretrained(run_dir / "model", dtype=run.model.dtype)
+        tok = load_tokenizer(run_dir / "model")
+        lf, gf = model_eval_fns(model, method, run.entropy, 0.0)
+        return model, tok, lf, gf
+    if not (run_dir / "adapter").is_dir():
+        raise FileNotFoundError(f"{run_dir}: the run has no result yet (no adapter/ or model/); finish it with bin/unlearn")
+    from alter_jax.io.alter import load_alter_adapter
+
+    folder = resolve_run_model(run.model.name)
+    model = load_pretrained(folder, dtype=run.model.dtype, param_dtype=run.model.param_dtype)
+    model, extra = load_alter_adapter(model, run_dir / "adapter")
+    lf, gf = model_eval_fns(model, method, run.entropy, float(extra.get("threshold", run.entropy.value)))
+    return model, load_tokenizer(folder), lf, gf
