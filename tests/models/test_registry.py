@@ -165,9 +165,25 @@ def test_hub_snapshot_used_when_available(monkeypatch, tmp_path, fake_convert):
         return str(snap)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    monkeypatch.setattr("alter_jax.models.registry.hub_reachable", lambda timeout=2.0: True)  # a machine with the hub
     assert resolve_model("smollm2-135m-instruct", offline=False) == snap
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == snap
     assert seen[0][:2] == ("HuggingFaceTB/SmolLM2-135M-Instruct", False)
     assert seen[1][1] is True  # HF_HUB_OFFLINE=1 respected
     assert "*.safetensors" in seen[0][2] and not any(p.endswith(".bin") for p in seen[0][2])
     assert fake_convert["convert"] == []
+
+
+def test_unreachable_hub_goes_straight_to_the_local_cache(monkeypatch, tmp_path, fake_convert):
+    """Without the hub, no download (and no retry back-off) is attempted: local files only."""
+    seen = []
+
+    def fake_snapshot(repo_id, allow_patterns=None, local_files_only=False):
+        seen.append(local_files_only)
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    monkeypatch.setattr("alter_jax.models.registry.hub_reachable", lambda timeout=2.0: False)
+    with pytest.raises(Exception):
+        resolve_model("some-owner/some-model", offline=False)
+    assert seen == [True]
