@@ -49,20 +49,20 @@ class RunConflict(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_model_and_tokenizer(spec: C.ModelSpec):
+def load_model_and_tokenizer(spec: C.ModelSpec, progress: bool = True):
     from alter_jax.io.hf import load_pretrained, load_tokenizer, resolve_model_dir
 
-    folder = resolve_run_model(spec.name)
+    folder = resolve_run_model(spec.name, progress=progress)
     model = load_pretrained(folder, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
     return model, load_tokenizer(folder), folder
 
 
-def resolve_run_model(name: str) -> Path:
+def resolve_run_model(name: str, progress: bool = True) -> Path:
     """A model folder for a config's ``model.name`` (``demo-tiny`` builds the demo model once)."""
     from alter_jax.demo import DEMO_NAME, ensure_demo_model
     from alter_jax.io.hf import resolve_model_dir
 
-    return ensure_demo_model() if name == DEMO_NAME else resolve_model_dir(name)
+    return ensure_demo_model(progress=progress) if name == DEMO_NAME else resolve_model_dir(name)
 
 
 def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -73,7 +73,7 @@ def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[di
     if source == "demo":
         from alter_jax.demo import ensure_demo_model
 
-        source = str(ensure_demo_model().parent / "data")
+        source = str(ensure_demo_model(progress=False).parent / "data")
     elif source == "synthetic":
         from alter_jax.data.synthetic import write_tofu_folder
 
@@ -231,7 +231,7 @@ def unlearn(
     method = get_method(run.train.method)
 
     # -- model, data, entropy, sub-domains (deterministic: recomputed on resume)
-    model, tok, folder = load_model_and_tokenizer(run.model)
+    model, tok, folder = load_model_and_tokenizer(run.model, progress)
     log(f"model {folder} ({model.cfg.model_type}, {model.cfg.num_params() / 1e6:.1f}M params), method {method.name}")
     rows = dict(zip(SIDES, load_rows(run.data, out)))
     if run.data.kind == "text":
