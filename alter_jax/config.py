@@ -24,6 +24,7 @@ class ModelSpec:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: str = "xla"  # xla | cudnn (GPU, bfloat16) | auto
     prompt_format: str = "auto"
     max_length: int = 128
 
@@ -124,6 +125,7 @@ CHOICES = {
     ("loss", "retain_loss"): ("", "nll", "kl"),
     ("data", "kind"): ("qa", "text"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("model", "attention_impl"): ("xla", "cudnn", "auto"),
     ("model", "param_dtype"): ("float32", "bfloat16", "float16"),
 }
 

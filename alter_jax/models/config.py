@@ -50,6 +50,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # jax.nn.dot_product_attention implementation: "xla" (any backend, any mask) or "cudnn"
+    # (NVIDIA fused attention; bfloat16/float16 on GPU). None lets JAX choose.
+    attention_impl: str | None = "xla"
 
     @property
     def num_groups(self) -> int:

@@ -158,7 +158,8 @@ class Attention(nnx.Module):
         if kv is not None:  # write into the cache at `index`, attend over the whole buffer
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation="xla")
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                           implementation=cfg.attention_impl)
         out = self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim), adapter_ctx)
         return out, (k, v)
 

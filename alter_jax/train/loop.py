@@ -53,7 +53,8 @@ def load_model_and_tokenizer(spec: C.ModelSpec, progress: bool = True):
     from alter_jax.io.hf import load_pretrained, load_tokenizer, resolve_model_dir
 
     folder = resolve_run_model(spec.name, progress=progress)
-    model = load_pretrained(folder, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat)
+    model = load_pretrained(folder, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat,
+                            attention_impl=None if spec.attention_impl == "auto" else spec.attention_impl)
     return model, load_tokenizer(folder), folder
 
 
