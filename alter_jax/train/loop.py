@@ -303,7 +303,15 @@ def unlearn(
     elif metrics_file.exists() and not method.phase1:
         metrics_file.unlink()
 
-    step_fn = jit_train_step(_settings(method, run, threshold), tx)
+    # the step is jitted once, with explicit shardings over the configured device mesh
+    from alter_jax.sharding import batch_shardings, initialize_distributed, make_mesh, place, shard_train_step
+
+    initialize_distributed()
+    mesh = make_mesh(run.mesh)
+    example = next(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed))
+    example = _device_batch(_pad_batch(example, run.train.batch_size))
+    step_fn, state, frozen, _ = shard_train_step(_settings(method, run, threshold), tx, state, frozen, example, mesh)
+    batch_sh = batch_shardings(example, mesh)
     bar = tqdm(total=total_steps, initial=int(state.step), desc=f"unlearn[{method.name}]", disable=not progress)
     t0, tokens = time.perf_counter(), 0
     done = int(state.step) >= total_steps
@@ -316,7 +324,7 @@ def unlearn(
             if epoch == position["epoch"] and b_idx < position["batch"]:
                 continue
             batch = _pad_batch(batch, run.train.batch_size)
-            state, m = step_fn(state, frozen, _device_batch(batch))
+            state, m = step_fn(state, frozen, place(_device_batch(batch), batch_sh))
             step = int(state.step)
             tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
             m = {k: float(v) for k, v in m.items()}
