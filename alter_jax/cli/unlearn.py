@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate the config, resolve the model and print the plan; no weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("--device-gb", type=float, default=None, help="with --dry-run: say whether the run fits devices of this many GiB")
     return p
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from alter_jax.train.loop import plan
 
         try:
-            info = plan(run)
+            info = plan(run, device_bytes=None if args.device_gb is None else int(args.device_gb * 2**30))
         except Exception as e:  # resolution errors carry their own message
             raise CliError(f"{args.config}: model {run.model.name!r}: {e}") from None
         if args.json:

@@ -145,7 +145,7 @@ def model_eval_fns(model, method: MethodSpec, entropy: C.EntropyConfig, threshol
 
 
 # ----------------------------------------------------------------------------- plan
-def plan(run: C.RunConfig) -> dict[str, Any]:
+def plan(run: C.RunConfig, device_bytes: int | None = None) -> dict[str, Any]:
     """Parameter counts per group and a memory estimate, without loading weights."""
     from alter_jax.io.hf import load_config
     from alter_jax.models.llama import Transformer
@@ -168,14 +168,12 @@ def plan(run: C.RunConfig) -> dict[str, Any]:
     counts = {g: count_params(s) for g, s in {**frozen, **trainable}.items() if g != "rest"}
     out = {"model": str(folder), "model_type": mcfg.model_type, "method": method.name, "param_counts": counts,
            "trainable": {g: count_params(s) for g, s in trainable.items()}}
-    try:
-        from alter_jax.plan import plan_memory
+    from alter_jax.plan import plan_memory
 
-        mem = plan_memory(mcfg, acfg, method, run.train.batch_size * 2, run.model.max_length, run.mesh)
-        out["memory"] = mem.to_dict() if hasattr(mem, "to_dict") else dataclasses.asdict(mem)
-        out["memory_table"] = mem.table()
-    except ImportError:  # planner not installed in this build
-        pass
+    mem = plan_memory(mcfg, acfg, method, run.train.batch_size * 2, run.model.max_length, run.mesh,
+                      device_bytes=device_bytes, remat=run.model.remat)
+    out["memory"] = mem.to_dict()
+    out["memory_table"] = mem.table()
     return out
 
 
