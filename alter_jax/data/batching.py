@@ -95,3 +95,28 @@ def forget_retain_batches(
     partner = pair_forget_retain(n_f, n_r, seed, epoch)
     for idx in batch_indices(n_f, batch_size, shuffle, seed, epoch, drop_last):
         yield {"forget": take(forget, idx), "retain": take(retain, partner[idx])}
+
+
+def length_sorted_batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, pad_multiple: int = 32, left: bool = False
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Batches of token lists, longest first, padded to ``[batch_size, ceil(T / m) * m]``.
+
+    Yields ``(indices, ids int32[B, W], mask int32[B, W])``; padding on the right (scoring) or
+    the left (generation); a short last batch is filled with copies of its first row, so the
+    jitted model sees few static shapes.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(max(len(sequences[i]) for i in idx), 1)
+        width = -(-width // pad_multiple) * pad_multiple
+        ids = np.full((batch_size, width), pad_id, dtype=np.int32)
+        mask = np.zeros((batch_size, width), dtype=np.int32)
+        for r in range(batch_size):
+            seq = sequences[idx[r] if r < len(idx) else idx[0]]
+            if seq:
+                sl = slice(width - len(seq), width) if left else slice(0, len(seq))
+                ids[r, sl] = seq
+                mask[r, sl] = 1
+        yield idx, ids, mask

@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from alter_jax.data.batching import length_sorted_batches
+
 LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
@@ -65,18 +67,9 @@ def token_logprobs(
     right-padded to the static shape ``[batch_size, ceil(T / pad_multiple) * pad_multiple]``
     (short batches filled with copies of their first row)."""
     out: list[np.ndarray | None] = [None] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    n_batches = (len(order) + batch_size - 1) // batch_size
-    for b in tqdm(range(n_batches), desc=desc, disable=not progress):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        width = max(max(len(sequences[i]) for i in idx), 1)
-        width = -(-width // pad_multiple) * pad_multiple
-        ids = np.full((batch_size, width), pad_id, dtype=np.int32)
-        mask = np.zeros((batch_size, width), dtype=np.int32)
-        for r in range(batch_size):
-            seq = sequences[idx[r] if r < len(idx) else idx[0]]
-            ids[r, :len(seq)] = seq
-            mask[r, :len(seq)] = 1
+    n_batches = (len(sequences) + batch_size - 1) // batch_size
+    batches = length_sorted_batches(sequences, batch_size, pad_id, pad_multiple)
+    for idx, ids, mask in tqdm(batches, total=n_batches, desc=desc, disable=not progress):
         logits = np.asarray(logits_fn(ids, mask))
         if logits.ndim != 3 or logits.shape[:2] != ids.shape:
             raise ValueError(f"LogitsFn returned shape {logits.shape}; expected [B, T, V] with B, T = {ids.shape}")

@@ -31,6 +31,8 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
+from alter_jax.data.batching import length_sorted_batches
+
 from alter_jax.data.muse import QAItem, VerbMemItem
 from alter_jax.eval.fluency import token_logprobs
 
@@ -85,19 +87,9 @@ def generate_texts(
     if max_prompt_tokens is not None:
         enc = [e[-max_prompt_tokens:] for e in enc]
     out: list[str | None] = [None] * len(prompts)
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    n_batches = (len(order) + batch_size - 1) // batch_size
-    for b in tqdm(range(n_batches), desc=desc, disable=not progress):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        width = max(max(len(enc[i]) for i in idx), 1)
-        width = -(-width // pad_multiple) * pad_multiple
-        ids = np.full((batch_size, width), pad_id, dtype=np.int32)
-        mask = np.zeros((batch_size, width), dtype=np.int32)
-        for r in range(batch_size):
-            e = enc[idx[r] if r < len(idx) else idx[0]]
-            if e:
-                ids[r, width - len(e):] = e
-                mask[r, width - len(e):] = 1
+    n_batches = (len(enc) + batch_size - 1) // batch_size
+    batches = length_sorted_batches(enc, batch_size, pad_id, pad_multiple, left=True)
+    for idx, ids, mask in tqdm(batches, total=n_batches, desc=desc, disable=not progress):
         new = np.asarray(generate_fn(ids, mask, max_new_tokens))
         if new.ndim != 2 or new.shape[0] != batch_size:
             raise ValueError(f"GenerateFn returned shape {new.shape}; expected [{batch_size}, max_new_tokens]")
