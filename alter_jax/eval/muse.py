@@ -32,7 +32,6 @@ from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from alter_jax.data.batching import length_sorted_batches
-
 from alter_jax.data.muse import QAItem, VerbMemItem
 from alter_jax.eval.fluency import token_logprobs
 
