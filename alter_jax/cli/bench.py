@@ -1,0 +1,158 @@
+"""``bin/bench``: speed figures, measured in one process with the compared sides interleaved.
+
+    bin/bench                                   # everything on the ~29M-parameter random Llama, batch 4 x 128
+    bin/bench --what forward --model smollm2 --steps 10
+    bin/bench --what step,generate --json bench.json
+
+What is measured (median of ``--steps`` timed calls after ``--warmup`` calls; the first
+call's time, compile included, is reported as "first s"):
+
+* ``forward``  — jitted JAX forward vs transformers (float32, ``torch.no_grad``), tokens/s.
+* ``step``     — one optimizer step: JAX ALTER (struct penalty ``drift``, and ``none``), JAX
+  plain LoRA (``lora_gd``), PyTorch + PEFT LoRA (r=8, the 7 projections, AdamW).
+  Goals: (a) JAX ALTER <= 0.7 x PyTorch LoRA time; (b) JAX ALTER <= 1.15 x JAX LoRA time.
+* ``generate`` — entropy-gated generation vs merged-weights generation, tokens/s;
+  goal (c) gated >= 0.9 x merged.
+
+Models: ``bench`` (default; random Llama-shaped, ~29M parameters, written once with
+transformers into the cache so both sides load the same weights), ``tiny`` (for tests),
+``smollm2`` (the registry's smollm2-135m-instruct), or a Hugging Face folder.
+Timings on a shared CPU are noisy: compare ratios, and look at the spread column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from alter_jax.cli.common import CliError
+
+WHAT = ("forward", "step", "generate")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", default="all", help="comma list of forward, step, generate, or all (default: %(default)s)")
+    p.add_argument("--model", default="bench", help="bench | tiny | smollm2 | a HF folder / registry name (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="batch rows (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=128, help="sequence length; the prompt length for generate (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5, help="timed calls per variant; the median is reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant before timing (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens generated per row (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--experts", type=int, default=2, help="ALTER forget experts N (default: %(default)s)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side of 'step' (JAX ratios only)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
+    return p
+
+
+def parse_what(text: str) -> list[str]:
+    parts = [w.strip() for w in text.split(",") if w.strip()]
+    if parts == ["all"]:
+        return list(WHAT)
+    bad = [w for w in parts if w not in WHAT]
+    if bad or not parts:
+        raise CliError(f"--what {text!r}: unknown part(s) {bad}; choose from {', '.join(WHAT)} or all")
+    return [w for w in WHAT if w in parts]
+
+
+def environment() -> dict:
+    import jax
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table of the result rows and ratio rows."""
+    env, m = result["environment"], result["settings"]
+    lines = [f"bin/bench  {env['date']}  {env['host']}  jax {env['jax']} ({env['jax_backend']}), torch {env['torch']} "
+             f"({env['torch_threads']} threads), {env['cpu_count']} CPUs",
+             f"model {m['model']} ({m['params_m']:.1f}M params)  batch {m['batch']} x seq {m['seq']}  "
+             f"median of {m['steps']} (after {m['warmup']} warm-up)  OMP_WAIT_POLICY={m.get('omp_wait_policy')}",
+             "",
+             f"{'section':<11} {'variant':<36} {'first s':>8} {'median s':>9} {'tokens/s':>10} {'spread':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['section']:<11} {r['name']:<36} {r['compile_s']:8.3f} {r['median_s']:9.4f} "
+                     f"{r['tokens_per_s']:10.1f} {r['spread']:7.2f}")
+    lines += ["", f"{'ratio':<56} {'value':>7} {'goal':>8}  met"]
+    for r in result["ratios"]:
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        lines.append(f"{r['name']:<56} {r['value']:7.3f} {r['goal'] or '':>8}  {met}")
+    extra = {k: v for k, v in result["extra"].items()}
+    if extra:
+        lines += ["", "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())]
+    lines.append("(generate: tokens/s counts generated tokens; 'prefill only' rows count one token per row; "
+                 "spread = (max-min)/median of the timed calls)")
+    return "\n".join(lines)
+
+
+def run_bench(what: list[str], spec, *, with_torch: bool = True, log=print) -> dict:
+    from alter_jax.bench.suites import SUITES
+
+    rows, ratios, extra = [], [], {}
+    for w in what:
+        log(f"[bench] {w} ...")
+        kw = {"with_torch": with_torch} if w == "step" else {}
+        r, q, e = SUITES[w](spec, **kw)
+        rows += r
+        ratios += q
+        extra.update(e)
+    return {"rows": rows, "ratios": ratios, "extra": extra}
+
+
+def quiet_openmp() -> str:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless set: with XLA's thread pool in the same process,
+    PyTorch's spinning OpenMP workers lose whole time slices at every barrier (measured on
+    2 cores: a tiny PEFT step 0.004 s alone, 1.8 s after JAX started; 0.01 s with PASSIVE).
+    Must run before torch is imported; returns the policy in effect."""
+    if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        return "default (torch imported first)"
+    return os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    omp = quiet_openmp()
+    what = parse_what(args.what)
+    for name in ("batch", "seq", "steps", "warmup", "new_tokens", "rank", "experts"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if "step" in what and args.batch < 2:
+        raise CliError("--batch must be >= 2 for 'step' (half forget, half retain rows)")
+    from alter_jax.bench.models import resolve_bench_model
+    from alter_jax.bench.suites import BenchSpec
+    from alter_jax.io.hf import load_config
+
+    try:
+        folder = resolve_bench_model(args.model)
+        cfg = load_config(folder)
+    except (ValueError, OSError) as e:
+        raise CliError(f"--model {args.model}: {e}") from None
+    if args.seq + args.new_tokens > cfg.max_position_embeddings:
+        raise CliError(f"--seq {args.seq} + --new-tokens {args.new_tokens} exceed the model's "
+                       f"max_position_embeddings {cfg.max_position_embeddings}")
+    spec = BenchSpec(folder=Path(folder), batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                     rank=args.rank, forget_experts=args.experts, new_tokens=args.new_tokens)
+    result = run_bench(what, spec, with_torch=not args.no_torch, log=lambda s: print(s, file=sys.stderr))
+    result["environment"] = environment()
+    result["settings"] = {"model": args.model, "folder": str(folder), "params_m": cfg.num_params() / 1e6,
+                          "omp_wait_policy": omp, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+                          "new_tokens": args.new_tokens, "rank": args.rank, "experts": args.experts, "what": what}
+    print(format_table(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
