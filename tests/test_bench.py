@@ -37,7 +37,7 @@ def test_bench_runs_every_row_on_a_tiny_model(tmp_path):
     assert ratios["(a) JAX ALTER / PyTorch LoRA time"]["goal"] == "<= 0.7"
     assert all(r["value"] > 0 for r in res["ratios"])
     assert res["extra"]["forward_max_abs_logit_diff"] < 1e-4  # both sides ran the same weights
-    assert res["settings"]["omp_wait_policy"] == "PASSIVE"
+    assert res["settings"]["import_order"] == "torch first"
 
 
 def test_bad_arguments_are_one_line_errors():
