@@ -29,14 +29,16 @@ def test_select_authors_have_perturbed_data(tofu_dir):
 
 def test_quick_study_report_and_resume(tofu_dir, tmp_path):
     cfg = S.quick_config(tofu_dir=str(tofu_dir), work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "out"),
-                         methods=METHODS)
+                         methods=METHODS, variants=(("alter_bias0", "alter", (("retain_bias", 0.0),)),))
     first = S.run_study(cfg, command="test", log=lambda *_: None)
     assert first["ran"][:4] == ["data", "tokenizer", "models/full", "models/retain"]
     assert {f"runs/{m}" for m in METHODS} <= set(first["ran"])
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     rows = report["methods"]
-    assert set(rows) == {"full", "retain", *METHODS}
+    assert set(rows) == {"full", "retain", *METHODS, "alter_bias0"}
+    assert rows["alter_bias0"]["method"] == "alter" and rows["alter_bias0"]["overrides"] == {"retain_bias": 0.0}
+    assert rows["alter_bias0"]["alter_settings"]["retain_bias"] == 0.0 and rows["alter"]["alter_settings"]["retain_bias"] == 2.0
     for name, r in rows.items():
         for key in ("forget_quality", "model_utility", "utility_parts", "forget_rouge", "paraphrase_rouge",
                     "forget_prob", "wall_s"):
@@ -58,7 +60,7 @@ def test_quick_study_report_and_resume(tofu_dir, tmp_path):
     assert second["report"]["methods"]["alter"]["forget_quality"] == rows["alter"]["forget_quality"]
 
     changed = S.quick_config(tofu_dir=str(tofu_dir), work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "out"),
-                             methods=METHODS, lr_full=0.5)
+                             methods=METHODS, variants=(), lr_full=0.5)
     with pytest.raises(ValueError, match="other settings"):
         S.run_study(changed, command="test", log=lambda *_: None)
 

@@ -82,8 +82,18 @@ class StudyConfig:
     retain_bias: float = 2.0
     rank: int = 8
     alpha: float = 16.0
-    # extra ALTER settings tried (name suffix -> overrides of the alter_* fields above); all reported
-    alter_variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    # extra runs, all reported: (run name, method, overrides of the fields above), e.g. other ALTER
+    # settings or the baselines at another learning rate (same epochs / batch: same budget)
+    variants: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = (
+        ("alter_bias0", "alter", (("retain_bias", 0.0),)),
+        ("alter_thr0.5", "alter", (("alter_threshold", 0.5),)),
+        ("asymlora_bias0", "asymlora", (("retain_bias", 0.0),)),
+        ("lora_gd_lr1e-4", "lora_gd", (("lr_lora", 1e-4),)),
+        ("ga_lr1e-5", "ga", (("lr_full", 1e-5),)),
+        ("graddiff_lr1e-5", "graddiff", (("lr_full", 1e-5),)),
+        ("npo_lr1e-5", "npo", (("lr_full", 1e-5),)),
+        ("npo_gd_lr1e-5", "npo_gd", (("lr_full", 1e-5),)),
+    )
     # evaluation
     retain_eval_per_author: int = 2  # rows of each retained author scored for Model Utility
     forget_eval_rows: int = 0  # 0 = every forget row
@@ -103,7 +113,7 @@ def quick_config(**kw) -> StudyConfig:
     """A minutes-scale configuration for tests (few authors, 1 epoch, tiny eval)."""
     base = dict(authors=3, forget_authors=1, vocab_size=512, hidden=64, layers=1, max_length=96, ft_epochs=1,
                 ft_batch=8, unlearn_epochs=1, unlearn_batch=4, retain_eval_per_author=2, forget_eval_rows=6,
-                max_new_tokens=8, eval_batch=8)
+                max_new_tokens=8, eval_batch=8, variants=())
     base.update(kw)
     return StudyConfig(**base)
 
@@ -131,9 +141,24 @@ def _log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def run_specs(cfg: StudyConfig) -> dict[str, tuple[str, StudyConfig, dict[str, Any]]]:
+    """Every unlearning run: ``name -> (method, settings, overrides)``; the methods first, then the variants."""
+    from alter_jax.train.methods import METHODS as ALL
+
+    out: dict[str, tuple[str, StudyConfig, dict[str, Any]]] = {m: (m, cfg, {}) for m in cfg.methods}
+    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    for name, method, overrides in cfg.variants:
+        ov = dict(overrides)
+        bad = sorted(set(ov) - fields)
+        if method not in ALL or bad or name in out:
+            raise ValueError(f"study variant {name!r}: method {method!r} (choose from {', '.join(ALL)}), "
+                             f"unknown fields {bad}, or a duplicate name")
+        out[name] = (method, dataclasses.replace(cfg, **ov), ov)
+    return out
+
+
 def variant_names(cfg: StudyConfig) -> list[str]:
-    """Every unlearning run of the study: the methods, then ``alter_<suffix>`` per variant."""
-    return list(cfg.methods) + [f"alter_{s}" for s, _ in cfg.alter_variants]
+    return list(run_specs(cfg))
 
 
 # ----------------------------------------------------------------------------- stage: data
@@ -230,22 +255,18 @@ def finetune_model(cfg: StudyConfig, tok, data_dir: Path, split: str, dest: Path
 
 
 # ----------------------------------------------------------------------------- stage: unlearning
-def _alter_settings(cfg: StudyConfig, name: str) -> dict[str, Any]:
-    s = {k: getattr(cfg, k) for k in ("alter_lr_a", "alter_lr_b", "alter_lr_router", "alter_threshold", "alter_q",
-                                       "retain_bias", "unlearn_epochs")}
-    if name.startswith("alter_"):
-        suffix = name[len("alter_"):]
-        s.update(dict(dict(cfg.alter_variants)[suffix]))
-    return s
+def _alter_settings(cfg: StudyConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("alter_lr_a", "alter_lr_b", "alter_lr_router", "alter_threshold", "alter_q",
+                                         "retain_bias", "unlearn_epochs")}
 
 
 def run_config(cfg: StudyConfig, name: str, model_dir: Path, data_dir: Path, out: Path):
-    """The ``RunConfig`` of one unlearning run (``name`` = a method or ``alter_<variant>``)."""
+    """The ``RunConfig`` of one unlearning run (``name`` from :func:`run_specs`)."""
     from alter_jax import config as C
     from alter_jax.adapters.lora import AdapterConfig
 
-    method = "alter" if name.startswith("alter") else name
-    a = _alter_settings(cfg, name)
+    method, cfg, _ = run_specs(cfg)[name]
+    a = _alter_settings(cfg)
     lr = cfg.lr_full if method in FULL_PARAM else cfg.lr_lora
     return C.RunConfig(
         model=C.ModelSpec(name=str(model_dir.resolve()), prompt_format=FMT, max_length=cfg.max_length),
@@ -323,7 +344,8 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
 
     retain_logs = {"eval_log_forget.json": _read_json(work / "eval" / "retain" / "eval_log_forget.json")}
     rows: dict[str, Any] = {}
-    for name in ["full", "retain", *variant_names(cfg)]:
+    specs = run_specs(cfg)
+    for name in ["full", "retain", *specs]:
         ev = work / "eval" / name
         if not _eval_done(ev):
             continue
@@ -342,10 +364,11 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
             row["wall_s"] = rep["wall_s"]
             row["steps"] = rep["steps"]
             row["kind"] = "unlearned"
+            row["method"], row["overrides"] = specs[name][0], specs[name][2]
             row["learning_rates"] = rep["learning_rates"]
             row["trainable_params"] = int(sum(rep["trainable_params"].values()))
-            if name.startswith("alter"):
-                row["alter_settings"] = _alter_settings(cfg, name)
+            if row["method"] in ("alter", "asymlora"):
+                row["alter_settings"] = _alter_settings(specs[name][1])
         rows[name] = row
     full_mu = rows.get("full", {}).get("model_utility")
     for r in rows.values():
@@ -358,8 +381,8 @@ def goal_check(rows: dict[str, Any], fq_min: float = 0.05, mu_frac: float = 0.9)
     def meets(r):
         return r["forget_quality"] >= fq_min and (r["mu_vs_full"] or 0.0) >= mu_frac
 
-    alters = {k: r for k, r in rows.items() if k.startswith("alter")}
-    baselines = {k: r for k, r in rows.items() if r.get("kind") == "unlearned" and not k.startswith("alter")}
+    alters = {k: r for k, r in rows.items() if r.get("method") == "alter"}
+    baselines = {k: r for k, r in rows.items() if r.get("kind") == "unlearned" and r.get("method") != "alter"}
     out = {"fq_min": fq_min, "mu_frac": mu_frac,
            "alter_meets": {k: meets(r) for k, r in alters.items()},
            "baselines_meeting": sorted(k for k, r in baselines.items() if meets(r))}
@@ -463,13 +486,22 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
                          + ".")
         for k, ok in goal["alter_meets"].items():
             if k != "alter":
-                lines.append(f"- {k} ({rows[k]['alter_settings']}): {'meets' if ok else 'does not meet'} both.")
-        lines.append(f"- Baselines meeting both: {', '.join(goal['baselines_meeting']) or 'none'}.")
+                lines.append(f"- {k} ({rows[k]['overrides']}): FQ {_fmt(rows[k]['forget_quality'])}, MU "
+                             f"{_fmt(rows[k]['mu_vs_full'], 3)} × full -> {'meets' if ok else 'does not meet'} both.")
+        lines.append(f"- Baselines (every other run, AsymLoRA = ALTER without the entropy gate included) meeting both: "
+                     f"{', '.join(goal['baselines_meeting']) or 'none'}.")
+        for k in goal["baselines_meeting"]:
+            lines.append(f"  - {k}: FQ {_fmt(rows[k]['forget_quality'])}, MU {_fmt(rows[k]['mu_vs_full'], 3)} × full.")
+        best = max((k for k, r in rows.items() if r.get("kind") == "unlearned" and r.get("method") != "alter"),
+                   key=lambda k: rows[k]["forget_quality"], default=None)
+        if best:
+            lines.append(f"- Highest baseline FQ: {best} ({_fmt(rows[best]['forget_quality'])}, MU "
+                         f"{_fmt(rows[best]['mu_vs_full'], 3)} × full).")
         lines.append(f"- Overall: {'met' if goal['met'] else 'not met'}.")
         lines.append("")
-    if cfg.alter_variants:
-        lines += ["## ALTER settings tried", ""]
-        lines += [f"- `alter_{s}`: {dict(o)}" for s, o in cfg.alter_variants]
+    if cfg.variants:
+        lines += ["## Settings tried besides the defaults (same epochs and batch size: same budget)", ""]
+        lines += [f"- `{n}`: {m} with {dict(o)}" for n, m, o in cfg.variants]
         lines.append("")
     lines += ["![Forget Quality vs Model Utility](fq_vs_mu.png)", ""]
     return "\n".join(lines)
@@ -484,8 +516,12 @@ def _plot(rows: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, r in rows.items():
         fq = max(r["forget_quality"], 1e-30)
-        color = "C3" if name.startswith("alter") else ("k" if r.get("kind") == "reference" else "C0")
-        ax.scatter(r["model_utility"], fq, color=color, marker="*" if name.startswith("alter") else "o", s=80)
+        method = r.get("method", name)
+        color = {"alter": "C3", "asymlora": "C1"}.get(method, "k" if r.get("kind") == "reference" else "C0")
+        marker = "*" if method == "alter" else ("s" if r.get("kind") == "reference" else "o")
+        variant = bool(r.get("overrides"))
+        ax.scatter(r["model_utility"], fq, marker=marker, s=110 if marker == "*" else 50,
+                   facecolors="none" if variant else color, edgecolors=color)
         ax.annotate(name, (r["model_utility"], fq), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_yscale("log")
     ax.axhline(0.05, color="gray", ls="--", lw=0.8)
@@ -507,7 +543,7 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-small", log: Call
     work.mkdir(parents=True, exist_ok=True)
     spec_file = work / "study_config.json"
     spec = dataclasses.asdict(cfg)
-    spec = {k: v for k, v in spec.items() if k not in ("out_dir", "work_dir", "methods", "alter_variants")}
+    spec = {k: v for k, v in spec.items() if k not in ("out_dir", "work_dir", "methods", "variants")}
     if spec_file.is_file() and _read_json(spec_file) != json.loads(json.dumps(spec)):
         raise ValueError(f"{work} holds a study made with other settings ({spec_file}); pass another --work-dir "
                          "or delete that folder")
@@ -573,7 +609,8 @@ def add_arguments(p) -> None:
     p.add_argument("--authors", type=int, default=None, help=f"authors in the subset (default {d.authors})")
     p.add_argument("--forget-authors", type=int, default=None, help=f"last authors forgotten (default {d.forget_authors})")
     p.add_argument("--methods", default=None, help=f"comma-separated (default {','.join(d.methods)})")
-    p.add_argument("--quick", action="store_true", help="few authors, 1 epoch, tiny eval (tests)")
+    p.add_argument("--no-variants", action="store_true", help="only the methods at their default settings")
+    p.add_argument("--quick", action="store_true", help="few authors, 1 epoch, tiny eval, no variants (tests)")
 
 
 def config_from_args(args) -> StudyConfig:
@@ -590,6 +627,8 @@ def config_from_args(args) -> StudyConfig:
         if bad:
             raise SystemExit(f"study tofu-small: --methods: unknown {', '.join(bad)}; choose from {', '.join(ALL)}")
         kw["methods"] = ms
+    if args.no_variants:
+        kw["variants"] = ()
     d = StudyConfig()
     work = args.work_dir or (d.work_dir + "_quick" if args.quick else d.work_dir)
     kw["work_dir"] = work
