@@ -1,0 +1,105 @@
+"""The SmolLM2 TOFU study: data subset, report assembly (from synthetic logs), speed ratios, and
+(slow, ``--runslow``) the ``--quick`` end-to-end run on the real SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alter_jax.study import tofu_smollm2 as S
+
+
+def test_build_data_writes_a_tofu_layout_subset(tofu_dir, tmp_path):
+    cfg = S.StudyConfig(tofu_dir=str(tofu_dir), forget_per_author=3, retain_rows=5, eval_rows=2)
+    counts = S.build_data(cfg, tmp_path)
+    assert counts["forget"] == 6 and counts["retain"] == 5 and counts["full"] == 11
+    assert counts["retain_perturbed"] == counts["real_authors_perturbed"] == counts["world_facts_perturbed"] == 2
+    from alter_jax.data.tofu import load_tofu_split
+
+    forget = load_tofu_split("forget_perturbed", str(tmp_path))
+    # 3 rows of each of forget01's two authors (rows 0-19 and 20-39)
+    src = load_tofu_split("forget01_perturbed", str(tofu_dir))
+    assert [r["question"] for r in forget] == [r["question"] for r in src[:3] + src[20:23]]
+    assert set(load_tofu_split("forget", str(tmp_path))[0]) == {"question", "answer"}
+
+
+def _fake_logs(folder: Path, rng, shift: float) -> None:
+    """The four legacy logs with the keys :func:`alter_jax.eval.tofu.aggregate` reads."""
+    def keyed(v):
+        return {str(i): x for i, x in enumerate(v)}
+
+    folder.mkdir(parents=True)
+    for name, n, k in (("eval_log_forget", 6, 5), ("eval_log", 4, 5), ("eval_real_author_wo_options", 4, 3),
+                       ("eval_real_world_wo_options", 4, 3)):
+        log = {"avg_gt_loss": keyed((rng.uniform(0.5, 1.5, n) + shift).tolist()),
+               "rougeL_recall": keyed(rng.uniform(0.2, 0.9, n).tolist()),
+               "avg_paraphrased_loss": keyed((rng.uniform(0.5, 1.5, n) + shift).tolist()),
+               "average_perturb_loss": keyed(rng.uniform(1.5, 2.5, (n, k)).tolist())}
+        (folder / f"{name}.json").write_text(json.dumps(log))
+    (folder / "summary.json").write_text(json.dumps({"eval_wall_s": 1.0}))
+    (folder / "paraphrase.json").write_text(json.dumps({"rougeL_recall": [0.5, 0.25], "generated": ["a", "b"]}))
+
+
+def test_report_from_finished_stages(tmp_path):
+    rng = np.random.default_rng(0)
+    work = tmp_path / "work"
+    cfg = S.StudyConfig(work_dir=str(work), out_dir=str(tmp_path / "out"), methods=("alter", "ga"))
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "counts.json").write_text(json.dumps({"forget": 6, "retain": 4}))
+    for name, shift in (("untouched", 1.0), ("full", 0.0), ("retain", 1.0), ("alter", 1.0)):
+        _fake_logs(work / "eval" / name, rng, shift)
+    for name in ("full", "retain"):
+        (work / "models" / name).mkdir(parents=True)
+        (work / "models" / name / "finetune.json").write_text(json.dumps({"wall_s": 12.0}))
+    (work / "runs" / "alter").mkdir(parents=True)
+    (work / "runs" / "alter" / "report.json").write_text(json.dumps({"wall_s": 34.0}))
+    speed = S.speed_summary({"tokens_per_s": 100.0, "epoch_s": 10.0, "first_step_s": 5.0},
+                            {"tokens_per_s": 80.0, "epoch_s": 12.5, "first_step_s": 9.0},
+                            {"tokens_per_s": 50.0, "epoch_s": 20.0, "first_step_s": 1.0})
+    assert speed["ours_over_torch_time"] == pytest.approx(0.5) and speed["alter_over_lora_time"] == pytest.approx(1.25)
+    (work / "speed.json").write_text(json.dumps(speed))
+
+    rep = S.write_report(cfg, work, "bin/study tofu-smollm2")
+    assert rep["missing"] == ["ga"]  # the unfinished method is named, the rest reported
+    assert rep["retain"]["forget_quality"] == pytest.approx(1.0)  # the retain model against itself
+    a = rep["methods"]["alter"]
+    for key in ("forget_quality", "model_utility", "forget_rouge", "paraphrase_rouge", "wall_s"):
+        assert a[key] is not None, key
+    assert a["paraphrase_rouge"] == pytest.approx(0.375) and a["wall_s"] == 34.0
+    assert a["mu_over_full"] == pytest.approx(a["model_utility"] / rep["full"]["model_utility"])
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text())["methods"]["alter"]["wall_s"] == 34.0
+    md = (out / "report.md").read_text()
+    assert "| alter |" in md and "Stages not finished: ga" in md and "0.50 (goal ≤ 0.7)" in md
+    assert (out / "fq_vs_mu.png").stat().st_size > 1000
+
+
+def test_cli_options_build_the_config(tofu_dir):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    S.add_arguments(p)
+    cfg = S.config_from_args(p.parse_args(["--quick", "--tofu-dir", str(tofu_dir), "--methods", "ga,alter"]))
+    assert cfg.methods == ("ga", "alter") and cfg.unlearn_epochs == 1 and cfg.forget_per_author == 2
+    with pytest.raises(SystemExit, match="unknown nope"):
+        S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--methods", "nope"]))
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tofu_dir, tmp_path):
+    """~4-5 min on 2 shared CPU cores (compiles dominate): every stage once at the tiny scale."""
+    cfg = S.quick_config(tofu_dir=str(tofu_dir), work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "o"),
+                         methods=("lora_gd",))
+    rep = S.run_study(cfg, log=lambda *_: None)
+    assert rep["missing"] == []
+    for e in (rep["untouched"], rep["full"], rep["retain"], rep["methods"]["lora_gd"]):
+        assert 0.0 <= e["forget_rouge"] <= 1.0 and e["forget_quality"] is not None
+    sp = rep["speed"]
+    assert sp["torch_lora_gd"]["real_tokens_epoch"] == sp["ours_lora_gd"]["real_tokens_epoch"] > 0
+    # a rerun finds every stage done and only rewrites the report
+    t = (tmp_path / "w" / "eval" / "full" / "summary.json").stat().st_mtime
+    S.run_study(cfg, log=lambda *_: None)
+    assert (tmp_path / "w" / "eval" / "full" / "summary.json").stat().st_mtime == t
