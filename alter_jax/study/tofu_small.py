@@ -93,6 +93,11 @@ class StudyConfig:
         ("graddiff_lr1e-5", "graddiff", (("lr_full", 1e-5),)),
         ("npo_lr1e-5", "npo", (("lr_full", 1e-5),)),
         ("npo_gd_lr1e-5", "npo_gd", (("lr_full", 1e-5),)),
+        ("lora_gd_lr3e-4", "lora_gd", (("lr_lora", 3e-4),)),
+        ("ga_lr3e-5", "ga", (("lr_full", 3e-5),)),
+        ("graddiff_lr3e-5", "graddiff", (("lr_full", 3e-5),)),
+        ("npo_lr3e-5", "npo", (("lr_full", 3e-5),)),
+        ("npo_gd_lr3e-5", "npo_gd", (("lr_full", 3e-5),)),
     )
     # evaluation
     retain_eval_per_author: int = 2  # rows of each retained author scored for Model Utility
@@ -408,8 +413,9 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
     ft = {n: _read_json(work / "models" / n / "finetune.json") for n in ("full", "retain")
           if (work / "models" / n / "finetune.json").is_file()}
     goal = goal_check(rows) if "full" in rows else {}
+    stage_s = sum(r["wall_s"] + r["eval_s"] for r in rows.values())
     report = {"command": command, "config": dataclasses.asdict(cfg), "data": info, "finetune": ft,
-              "methods": rows, "goal": goal,
+              "methods": rows, "goal": goal, "stages_total_s": stage_s,
               "note": "wall_s of an unlearning run = the whole unlearn() call (model load, entropy pre-pass, "
                       "8-question before/after check, training, export) on 2 CPU cores shared with other jobs: "
                       "timings are noisy."}
@@ -419,6 +425,18 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
         _plot(rows, out / "fq_vs_mu.png")
     (out / "report.md").write_text(_markdown(cfg, report, command))
     return report
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 6] -> "0..2, 5..6"."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(f"{start}..{x}" if x != start else f"{x}")
+            start = None
+    return ", ".join(out)
 
 
 def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
@@ -432,9 +450,11 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         "## Scale",
         "",
         f"- Authors: {cfg.authors} TOFU authors with perturbed data (full.json author indices "
-        f"{info['authors'][0]}..{info['authors'][-1]}, see `alter_jax/study/tofu_small.py`), the last "
+        f"{_ranges(info['authors'])}, see `alter_jax/study/tofu_small.py`), the last "
         f"{cfg.forget_authors} forgotten (authors {info['forget_authors']}): {info['rows']['forget']} forget rows, "
-        f"{info['rows']['retain']} retain rows.",
+        f"{info['rows']['retain']} retain rows. Perturbed / paraphrased answers: `retain_perturbed.json` covers "
+        "TOFU authors 0..19 and `forget10_perturbed.json` authors 180..199, so the subset is drawn from those 40; "
+        "the Model Utility rows of the retained authors come from whichever of the two files holds them.",
         f"- Model: Llama, hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads ({cfg.kv_heads} KV), BPE vocabulary "
         f"{cfg.vocab_size} trained on the subset's TOFU text; {n_params / 1e6:.2f}M parameters; max length {cfg.max_length}.",
         f"- Full / retain model: trained from scratch, {cfg.ft_epochs} epochs, lr {cfg.ft_lr}, batch {cfg.ft_batch} "
@@ -462,7 +482,8 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
     lines += [
         "",
         "wall s: full / retain = fine-tuning time; unlearned = the whole `unlearn()` call (load, entropy pre-pass, an "
-        "8-question before/after check, training, export). 2 CPU cores shared with other engineers' jobs: timings are noisy.",
+        "8-question before/after check, training, export). 2 CPU cores shared with other engineers' jobs: timings are noisy. "
+        f"Sum over all stages (training + evaluation, every row): {report['stages_total_s'] / 60:.1f} min.",
         "",
         "## Definitions",
         "",
@@ -497,7 +518,15 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         if best:
             lines.append(f"- Highest baseline FQ: {best} ({_fmt(rows[best]['forget_quality'])}, MU "
                          f"{_fmt(rows[best]['mu_vs_full'], 3)} × full).")
-        lines.append(f"- Overall: {'met' if goal['met'] else 'not met'}.")
+        lines.append(f"- Overall: {'met' if goal['met'] else 'not met'}"
+                     + ("" if goal["met"] else
+                        f" ({'ALTER misses the targets' if not goal['alter_meets'].get('alter') else ''}"
+                        f"{'; ' if not goal['alter_meets'].get('alter') and goal['baselines_meeting'] else ''}"
+                        f"{'baselines also meeting both: ' + ', '.join(goal['baselines_meeting']) if goal['baselines_meeting'] else ''})")
+                     + ".")
+        lines += ["", "Caveats: one seed; Forget Quality is a KS p-value over "
+                  f"{info['rows']['forget_eval']} forget questions, so it moves in coarse steps; timings are noisy (shared CPU).",
+                  ""]
         lines.append("")
     if cfg.variants:
         lines += ["## Settings tried besides the defaults (same epochs and batch size: same budget)", ""]
@@ -508,28 +537,37 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
 
 
 def _plot(rows: dict[str, Any], path: Path) -> None:
+    """FQ (log) vs MU like the paper's Figure 4: filled = default settings, hollow = variants (labelled
+    only for ALTER / AsymLoRA, to keep the cluster of untouched-looking baselines readable)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, r in rows.items():
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    order = sorted(rows, key=lambda k: (rows[k].get("kind") == "reference", not rows[k].get("overrides")))
+    for name in order:
+        r = rows[name]
         fq = max(r["forget_quality"], 1e-30)
         method = r.get("method", name)
-        color = {"alter": "C3", "asymlora": "C1"}.get(method, "k" if r.get("kind") == "reference" else "C0")
-        marker = "*" if method == "alter" else ("s" if r.get("kind") == "reference" else "o")
+        ref = r.get("kind") == "reference"
+        color = {"alter": "C3", "asymlora": "C1"}.get(method, "k" if ref else "C0")
+        marker = "*" if method == "alter" else ("s" if ref else "o")
         variant = bool(r.get("overrides"))
-        ax.scatter(r["model_utility"], fq, marker=marker, s=110 if marker == "*" else 50,
-                   facecolors="none" if variant else color, edgecolors=color)
-        ax.annotate(name, (r["model_utility"], fq), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter(r["model_utility"], fq, marker=marker, s=140 if marker == "*" else 55, zorder=3 if ref else 2,
+                   facecolors="none" if variant else color, edgecolors=color, linewidths=1.3)
+        if not variant or method in ("alter", "asymlora"):
+            ax.annotate(name, (r["model_utility"], fq), textcoords="offset points", xytext=(-6 if ref else 5, 5),
+                        ha="right" if ref else "left", fontsize=8)
     ax.set_yscale("log")
-    ax.axhline(0.05, color="gray", ls="--", lw=0.8)
+    ax.axhline(0.05, color="gray", ls="--", lw=0.8, label="FQ = 0.05")
     if "full" in rows:
-        ax.axvline(0.9 * rows["full"]["model_utility"], color="gray", ls=":", lw=0.8)
-    ax.set_xlabel("Model Utility (retained authors)")
-    ax.set_ylabel("Forget Quality (KS p-value, log)")
-    ax.set_title("TOFU small: forget quality vs model utility")
+        ax.axvline(0.9 * rows["full"]["model_utility"], color="gray", ls=":", lw=0.8, label="MU = 0.9 × full")
+    ax.scatter([], [], marker="o", facecolors="none", edgecolors="C0", label="baseline at another learning rate")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel("Model Utility (retained authors: Prob., ROUGE, Truth Ratio)")
+    ax.set_ylabel("Forget Quality (KS p-value, log scale)")
+    ax.set_title("TOFU small (tiny Llama from scratch): forget quality vs model utility")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
