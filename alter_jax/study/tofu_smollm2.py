@@ -369,6 +369,9 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
         if "alter_over_lora_time" in sp:
             lines.append(f"\nALTER / our LoRA-GD epoch time: {sp['alter_over_lora_time']:.2f} (goal ≤ 1.25)")
     lines += ["", "![forget quality vs model utility](fq_vs_mu.png)", ""]
+    notes = out / "notes.md"  # hand-written reading of the results, kept across report rewrites
+    if notes.is_file():
+        lines += ["## Notes", "", notes.read_text().strip(), ""]
     (out / "report.md").write_text("\n".join(lines))
     _plot(rows, out / "fq_vs_mu.png")
     return rep
@@ -536,4 +539,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import torch  # noqa: F401  (torch before jax, as bin/study: jax first can stall PyTorch's OpenMP workers)
+
     raise SystemExit(main())
