@@ -90,7 +90,7 @@ def test_cli_options_build_the_config(tofu_dir):
 
 @pytest.mark.slow
 def test_quick_study_end_to_end(tofu_dir, tmp_path):
-    """~4-5 min on 2 shared CPU cores (compiles dominate): every stage once at the tiny scale."""
+    """~3.5 min on 2 CPU cores (compiles dominate): every stage once at the tiny scale."""
     cfg = S.quick_config(tofu_dir=str(tofu_dir), work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "o"),
                          methods=("lora_gd",))
     rep = S.run_study(cfg, log=lambda *_: None)
