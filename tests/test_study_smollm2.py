@@ -46,16 +46,18 @@ def _fake_logs(folder: Path, rng, shift: float) -> None:
 def test_report_from_finished_stages(tmp_path):
     rng = np.random.default_rng(0)
     work = tmp_path / "work"
-    cfg = S.StudyConfig(work_dir=str(work), out_dir=str(tmp_path / "out"), methods=("alter", "ga"))
+    cfg = S.StudyConfig(work_dir=str(work), out_dir=str(tmp_path / "out"), methods=("alter", "ga"),
+                        variants=(("alter_lr3e-3", "alter", (("lr_lora", 3e-3),)),))
     (work / "data").mkdir(parents=True)
     (work / "data" / "counts.json").write_text(json.dumps({"forget": 6, "retain": 4}))
-    for name, shift in (("untouched", 1.0), ("full", 0.0), ("retain", 1.0), ("alter", 1.0)):
+    for name, shift in (("untouched", 1.0), ("full", 0.0), ("retain", 1.0), ("alter", 1.0), ("alter_lr3e-3", 1.0)):
         _fake_logs(work / "eval" / name, rng, shift)
     for name in ("full", "retain"):
         (work / "models" / name).mkdir(parents=True)
         (work / "models" / name / "finetune.json").write_text(json.dumps({"wall_s": 12.0}))
-    (work / "runs" / "alter").mkdir(parents=True)
-    (work / "runs" / "alter" / "report.json").write_text(json.dumps({"wall_s": 34.0}))
+    for name in ("alter", "alter_lr3e-3"):
+        (work / "runs" / name).mkdir(parents=True)
+        (work / "runs" / name / "report.json").write_text(json.dumps({"wall_s": 34.0}))
     speed = S.speed_summary({"tokens_per_s": 100.0, "epoch_s": 10.0, "first_step_s": 5.0},
                             {"tokens_per_s": 80.0, "epoch_s": 12.5, "first_step_s": 9.0},
                             {"tokens_per_s": 50.0, "epoch_s": 20.0, "first_step_s": 1.0})
@@ -74,7 +76,25 @@ def test_report_from_finished_stages(tmp_path):
     assert json.loads((out / "report.json").read_text())["methods"]["alter"]["wall_s"] == 34.0
     md = (out / "report.md").read_text()
     assert "| alter |" in md and "Stages not finished: ga" in md and "0.50 (goal ≤ 0.7)" in md
+    # the variant is reported beside (not among) the methods, with its override
+    v = rep["variants"]["alter_lr3e-3"]
+    assert v["method"] == "alter" and v["overrides"] == {"lr_lora": 3e-3} and "alter_lr3e-3" not in rep["methods"]
+    assert "| alter_lr3e-3 |" in md and "`alter_lr3e-3`: alter with {'lr_lora': 0.003}" in md
     assert (out / "fq_vs_mu.png").stat().st_size > 1000
+
+
+def test_variants_override_one_setting_and_bad_ones_are_named():
+    cfg = S.StudyConfig(methods=("alter",), variants=(("a2", "alter", (("alter_threshold", 0.6),)),))
+    specs = S.run_specs(cfg)
+    assert list(specs) == ["alter", "a2"]
+    method, vcfg, ov = specs["a2"]
+    assert method == "alter" and vcfg.alter_threshold == 0.6 and vcfg.lr_lora == cfg.lr_lora and ov == {"alter_threshold": 0.6}
+    run = S.run_config(vcfg, "alter", Path("m"), Path("d"), Path("o"))
+    assert run.entropy.value == 0.6 and run.train.epochs == cfg.unlearn_epochs  # same budget
+    with pytest.raises(ValueError, match="unknown fields \\['lr_bogus'\\]"):
+        S.run_specs(S.StudyConfig(variants=(("x", "alter", (("lr_bogus", 1.0),)),)))
+    with pytest.raises(ValueError, match="choose from"):
+        S.run_specs(S.StudyConfig(variants=(("x", "nope", ()),)))
 
 
 def test_cli_options_build_the_config(tofu_dir):
@@ -84,6 +104,9 @@ def test_cli_options_build_the_config(tofu_dir):
     S.add_arguments(p)
     cfg = S.config_from_args(p.parse_args(["--quick", "--tofu-dir", str(tofu_dir), "--methods", "ga,alter"]))
     assert cfg.methods == ("ga", "alter") and cfg.unlearn_epochs == 1 and cfg.forget_per_author == 2
+    assert cfg.variants == ()  # --quick runs no variants
+    full = S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--no-variants"]))
+    assert full.variants == () and full.unlearn_epochs == S.StudyConfig().unlearn_epochs
     with pytest.raises(SystemExit, match="unknown nope"):
         S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--methods", "nope"]))
 

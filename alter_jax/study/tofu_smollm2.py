@@ -57,13 +57,24 @@ class StudyConfig:
     unlearn_batch: int = 4
     lr_full: float = 2e-5  # ga, graddiff, npo, npo_gd
     lr_lora: float = 1e-3  # lora_gd; ALTER / AsymLoRA use lr_b = this, lr_a 1e-5, router 1e-2
+    alter_threshold: float = 0.3  # ALTER: entropy quantile; the top 70 % of answer tokens are high-entropy
     methods: tuple[str, ...] = METHODS
+    # extra runs, all reported beside the methods: (run name, method, overrides of the fields above);
+    # same epochs and batch (same budget), other learning rates / entropy threshold
+    variants: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = (
+        ("alter_lr3e-3", "alter", (("lr_lora", 3e-3),)),
+        ("alter_thr0.6", "alter", (("alter_threshold", 0.6),)),
+        ("asymlora_lr3e-3", "asymlora", (("lr_lora", 3e-3),)),
+        ("lora_gd_lr3e-4", "lora_gd", (("lr_lora", 3e-4),)),
+        ("graddiff_lr1e-4", "graddiff", (("lr_full", 1e-4),)),
+        ("npo_gd_lr1e-4", "npo_gd", (("lr_full", 1e-4),)),
+    )
     torch_speed: bool = True
     seed: int = 0
 
 
 QUICK = dict(forget_per_author=2, retain_rows=4, eval_rows=2, max_new_tokens=8, ft_epochs=1, ft_batch=4,
-             unlearn_epochs=1, unlearn_batch=2, methods=("alter", "lora_gd"), work_dir="runs/study_smollm2_quick",
+             unlearn_epochs=1, unlearn_batch=2, methods=("alter", "lora_gd"), variants=(), work_dir="runs/study_smollm2_quick",
              out_dir="runs/study_smollm2_quick/out")
 
 
@@ -73,6 +84,22 @@ def quick_config(**kw) -> StudyConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+def run_specs(cfg: StudyConfig) -> dict[str, tuple[str, StudyConfig, dict[str, Any]]]:
+    """Every unlearning run: ``name -> (method, settings, overrides)``; the methods first, then the variants."""
+    from alter_jax.train.methods import METHODS as ALL
+
+    out: dict[str, tuple[str, StudyConfig, dict[str, Any]]] = {m: (m, cfg, {}) for m in cfg.methods}
+    fields = {f.name for f in dataclasses.fields(StudyConfig)} - {"variants", "methods"}
+    for name, method, overrides in cfg.variants:
+        ov = dict(overrides)
+        bad = sorted(set(ov) - fields)
+        if method not in ALL or bad or name in out:
+            raise ValueError(f"study variant {name!r}: method {method!r} (choose from {', '.join(ALL)}), "
+                             f"unknown fields {bad} (choose from {', '.join(sorted(fields))}), or a duplicate name")
+        out[name] = (method, dataclasses.replace(cfg, **ov), ov)
+    return out
+
+
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -170,7 +197,7 @@ def run_config(cfg: StudyConfig, method: str, model_dir: Path, data_dir: Path, o
 
     return C.RunConfig(
         model=C.ModelSpec(name=str(model_dir), prompt_format="auto", max_length=cfg.max_length),
-        entropy=C.EntropyConfig(threshold="quantile", value=0.3),
+        entropy=C.EntropyConfig(threshold="quantile", value=cfg.alter_threshold),
         optim=C.OptimConfig(lr=cfg.lr_lora if method in LORA_METHODS else cfg.lr_full, lr_b=cfg.lr_lora),
         data=C.DataConfig(source=str(data_dir), forget_split="forget", retain_split="retain", num_subdomains=2),
         train=C.TrainConfig(method=method, epochs=cfg.unlearn_epochs, batch_size=cfg.unlearn_batch, seed=cfg.seed,
@@ -282,7 +309,8 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
     ev = work / "eval"
     retain_logs = ev / "retain" if _eval_done(ev / "retain") else None
     entries: dict[str, Any] = {}
-    for name in ("untouched", "full", "retain", *cfg.methods):
+    specs = run_specs(cfg)
+    for name in ("untouched", "full", "retain", *specs):
         d = ev / name
         if not _eval_done(d):
             continue
@@ -300,6 +328,8 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
             e["wall_s"] = 0.0
         else:
             e["wall_s"] = _read_json(work / "runs" / name / "report.json")["wall_s"]
+        if name in specs:
+            e["method"], e["overrides"] = specs[name][0], specs[name][2]
         entries[name] = e
     full_mu = entries.get("full", {}).get("model_utility")
     for name, e in entries.items():
@@ -308,12 +338,13 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
     if "full" in entries and retain_logs is not None:
         def hits(e):
             return (e["forget_quality"] or 0) >= 0.05 and (e["mu_over_full"] or 0) >= 0.9
-        goal = {m: hits(entries[m]) for m in cfg.methods if m in entries}
+        goal = {m: hits(entries[m]) for m in specs if m in entries}
     speed = _read_json(work / "speed.json") if (work / "speed.json").is_file() else None
     return {"config": dataclasses.asdict(cfg), "data": _read_json(work / "data" / "counts.json"),
             "untouched": entries.get("untouched"), "full": entries.get("full"), "retain": entries.get("retain"),
             "methods": {m: entries[m] for m in cfg.methods if m in entries},
-            "missing": [m for m in ("untouched", "full", "retain", *cfg.methods) if m not in entries],
+            "variants": {m: entries[m] for m in specs if m not in cfg.methods and m in entries},
+            "missing": [m for m in ("untouched", "full", "retain", *specs) if m not in entries],
             "goal_fq_0.05_and_mu_0.9_full": goal, "speed": speed}
 
 
@@ -333,7 +364,7 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "report.json", rep)
     rows = [("untouched", rep["untouched"]), ("full", rep["full"]), ("retain", rep["retain"]),
-            *rep["methods"].items()]
+            *rep["methods"].items(), *rep["variants"].items()]
     lines = ["# TOFU study on SmolLM2-135M-Instruct", "", f"Command: `{command}`", "",
              _scale_text(cfg, rep["data"]), "",
              "| model | Forget Quality | Model Utility | MU / full | forget ROUGE-L | paraphrase ROUGE-L | forget Prob. | wall s (train) | wall s (eval) |",
@@ -348,6 +379,9 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
     if rep["untouched"]:
         lines += ["", "Untouched SmolLM2 (real knowledge unlearning must keep): " + ", ".join(
             f"{k} {v:.3f}" for k, v in rep["untouched"]["mu_parts"].items() if k.startswith(("Real", "Retain")))]
+    if cfg.variants:
+        lines += ["", "Variants (same epochs and batch as the methods; one setting changed):"]
+        lines += [f"- `{n}`: {m} with {dict(o)}" for n, m, o in cfg.variants]
     if rep["missing"]:
         lines += ["", f"Stages not finished: {', '.join(rep['missing'])}"]
     goal = rep["goal_fq_0.05_and_mu_0.9_full"]
@@ -385,8 +419,8 @@ def _scale_text(cfg: StudyConfig, counts: dict) -> str:
             f"fine-tuning (every parameter), {cfg.ft_epochs} epochs, lr {cfg.ft_lr}, batch {cfg.ft_batch}. "
             f"Unlearning: {cfg.unlearn_epochs} epochs, batch {cfg.unlearn_batch} forget + {cfg.unlearn_batch} "
             f"retain, lr {cfg.lr_full} (full-parameter methods), {cfg.lr_lora} (LoRA r=8 / ALTER B experts; "
-            f"ALTER A 1e-5, router 1e-2, entropy threshold = 30 % quantile, 2 sub-domains). float32, CPU "
-            "(2 cores shared with another study).")
+            f"ALTER A 1e-5, router 1e-2, entropy threshold = {cfg.alter_threshold:.0%} quantile, 2 sub-domains). "
+            "float32, CPU (2 cores).")
 
 
 def _plot(rows, path: Path) -> None:
@@ -396,12 +430,17 @@ def _plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    colors: dict[str, Any] = {}
     for name, e in rows:
         if e is None or e["forget_quality"] is None:
             continue
         fq = max(e["forget_quality"], 1e-12)
-        ax.scatter(e["model_utility"], fq, marker="*" if name == "alter" else "o", s=90 if name == "alter" else 40)
-        ax.annotate(name, (e["model_utility"], fq), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        method = e.get("method", name)
+        color = colors.setdefault(method, f"C{len(colors) % 10}")
+        variant = bool(e.get("overrides"))  # hollow marker: a variant of a method's default setting
+        ax.scatter(e["model_utility"], fq, marker="*" if method == "alter" else "o",
+                   s=90 if method == "alter" else 40, facecolors="none" if variant else color, edgecolors=color)
+        ax.annotate(name, (e["model_utility"], fq), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_yscale("log")
     ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("Model Utility")
@@ -458,17 +497,18 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-smollm2", log: Ca
         if _speed_stage(cfg, work, models, data_dir, log):
             report()
 
-    for method in cfg.methods:
-        rd = work / "runs" / method
+    for name, (method, run_cfg, _) in run_specs(cfg).items():
+        rd = work / "runs" / name
         if not (rd / "report.json").is_file():
-            log(f"unlearn {method}")
-            r = unlearn(run_config(cfg, method, models / "full", data_dir, rd), progress=False, log=lambda *_: None)
-            log(f"unlearn {method}: {r['steps']} steps, {r['wall_s']:.0f} s")
+            log(f"unlearn {name}")
+            r = unlearn(run_config(run_cfg, method, models / "full", data_dir, rd), progress=False,
+                        log=lambda *_: None)
+            log(f"unlearn {name}: {r['steps']} steps, {r['wall_s']:.0f} s")
 
         def load_run(rd=rd):
             _, tok, lf, gf = load_run_result(rd)
             return lf, gf, tok
-        eval_stage(method, load_run)
+        eval_stage(name, load_run)
         speed_stage()
     speed_stage()
     rep = report()
@@ -504,10 +544,13 @@ def add_arguments(p) -> None:
     p.add_argument("--tofu-dir", default=StudyConfig.tofu_dir, help="TOFU folder (default: %(default)s)")
     p.add_argument("--methods", default=None, help=f"comma list (default: {','.join(METHODS)})")
     p.add_argument("--no-torch-speed", action="store_true", help="skip the transformers + PEFT speed epoch")
+    p.add_argument("--no-variants", action="store_true", help="only the methods at their default settings")
 
 
 def config_from_args(args) -> StudyConfig:
     kw: dict[str, Any] = {"tofu_dir": args.tofu_dir, "torch_speed": not args.no_torch_speed}
+    if args.no_variants:
+        kw["variants"] = ()
     if args.work_dir:
         kw["work_dir"] = args.work_dir
     if args.out:
