@@ -48,6 +48,12 @@ class LossConfig:
     simnpo_beta: float = 2.5
     simnpo_gamma: float = 0.0
     retain_loss: str = ""  # override the method's retain loss: nll | kl ("" = method default)
+    # RMU (Li et al. 2024): steer the output of decoder layer rmu_layer (0-based) on forget tokens to
+    # rmu_steering · u (u a fixed random unit vector); gamma weighs the retain term (RMU's alpha)
+    rmu_layer: int = 7
+    rmu_steering: float = 6.5
+    rmu_params: str = ""  # regex over parameter paths ('layers.5.mlp.down_proj.kernel'); "" = the
+    # down_proj kernels of layers rmu_layer-2 .. rmu_layer, as in the WMDP reference code
 
 
 @dataclasses.dataclass(frozen=True)

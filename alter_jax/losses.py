@@ -23,6 +23,9 @@ References for the baselines:
   Optimization for LLM Unlearning" (arXiv:2410.07163), Eq. (4).
 * IHL: Cha et al., 2024, "Towards Robust and Cost-Efficient Knowledge Unlearning for
   LLMs"; ALTER paper Eq. (8) and ALTER_SPEC.md section 4.
+* RMU: Li et al., 2024, "The WMDP Benchmark: Measuring and Reducing Malicious Use with
+  Unlearning" (arXiv:2403.03218), Eq. (1)-(2); the token masking and the per-example mean
+  of open-unlearning (``src/trainer/unlearn/rmu.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ __all__ = [
     "npo_loss",
     "simnpo_per_example",
     "simnpo_loss",
+    "rmu_activation_loss",
     "example_mean",
 ]
 
@@ -376,3 +380,23 @@ def simnpo_loss(
     """``L_SimNPO = E_i[ℓ_i]`` of :func:`simnpo_per_example`, over examples with answer tokens."""
     per = simnpo_per_example(logits, targets, mask, beta, gamma)
     return example_mean(per, jnp.sum(mask, axis=-1))
+
+
+# --------------------------------------------------------------------------- RMU
+
+
+def rmu_activation_loss(
+    activations: Float[Array, "b t d"], target: Float[Array, "b t d"], mask: Float[Array, "b t"]
+) -> Float[Array, ""]:
+    """``E_i [ (1/|m_i|) Σ_t m_it · (1/D) ‖h_it − target_it‖² ]`` (RMU, Eq. 1-2).
+
+    The forget term uses ``target = c·u`` (a fixed random unit vector scaled by the steering
+    coefficient), the retain term the frozen model's activations. Mean over the hidden
+    dimension, then over each example's scored tokens, then over examples that have any.
+    """
+    chex.assert_equal_shape([activations, target])
+    chex.assert_equal_shape([activations[..., 0], mask])
+    sq = jnp.mean(jnp.square(activations.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+    count = jnp.sum(mask, axis=-1)
+    per = jnp.sum(sq * mask, axis=-1) / jnp.maximum(count, 1.0)
+    return example_mean(per, count)

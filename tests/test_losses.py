@@ -161,3 +161,14 @@ def test_losses_jit_and_ignore_masked_positions(name):
     np.testing.assert_allclose(fn(logits2, ref, targets2, mask), eager, rtol=1e-6)
     g = jax.grad(fn)(logits, ref, targets, mask)
     np.testing.assert_array_equal(g[0, 2], 0.0)
+
+
+def test_rmu_activation_loss_hand_values_and_empty_rows():
+    act = jnp.zeros((3, 2, 2), jnp.float32)
+    target = jnp.array([[[1.0, 1.0], [2.0, 0.0]], [[3.0, 3.0], [3.0, 3.0]], [[9.0, 9.0], [9.0, 9.0]]])
+    mask = jnp.array([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # row 2 scores nothing: it is left out
+    # row 0: mean_d sq = 1 and 2 -> 1.5; row 1: 9 (only its first token) -> mean over rows (1.5 + 9) / 2
+    assert float(L.rmu_activation_loss(act, target, mask)) == pytest.approx(5.25)
+    g = jax.grad(L.rmu_activation_loss)(act, target, mask)
+    assert float(jnp.abs(g[2]).max()) == 0.0 and float(jnp.abs(g[1, 1]).max()) == 0.0
+    assert float(L.rmu_activation_loss(act, target, jnp.zeros((3, 2)))) == 0.0

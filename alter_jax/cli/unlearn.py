@@ -56,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             if "memory_table" in info:
                 print(info["memory_table"])
         return 0
-    from alter_jax.train.loop import unlearn
+    from alter_jax import config as C
+    from alter_jax.train.loop import RunConflict, unlearn
 
-    report = unlearn(run, progress=not args.no_progress)
+    try:
+        report = unlearn(run, progress=not args.no_progress)
+    except (C.ConfigValueError, RunConflict) as e:  # found once the model is loaded: no traceback
+        raise CliError(f"{args.config}: {e}") from None
     print(f"report: {run.output_dir}/report.json   result: {report['result']}")
     return 0
 

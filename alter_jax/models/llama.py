@@ -246,10 +246,13 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         adapter_ctx: Any = None,
+        upto_layer: int | None = None,
     ) -> ModelOutput:
         """Full forward. With ``cache`` the new tokens are written at ``cache.index``.
 
-        input_ids: int[B, T]; attention_mask: int[B, T] (1 = real token).
+        input_ids: int[B, T]; attention_mask: int[B, T] (1 = real token). With ``upto_layer``
+        the layers after it are not run: ``hidden`` is the residual stream after decoder
+        layer ``upto_layer`` (un-normed) and ``logits`` is ``None`` (see :meth:`layer_output`).
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -270,6 +273,8 @@ class Transformer(nnx.Module):
         inv_freq = jnp.asarray(rope_inv_freq(cfg))  # a compile-time constant
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
+            if upto_layer is not None and i > upto_layer:
+                break
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if cfg.remat and cache is None:
                 x, kv = _remat_layer(layer, x, positions, inv_freq, mask, index, adapter_ctx)
@@ -277,6 +282,8 @@ class Transformer(nnx.Module):
                 x, kv = layer(x, positions, inv_freq, mask, kv, index, adapter_ctx)
             new_k.append(kv[0])
             new_v.append(kv[1])
+        if upto_layer is not None:
+            return ModelOutput(logits=None, hidden=x, cache=None)
         h = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         logits = (h @ head.astype(h.dtype)).astype(jnp.float32)
@@ -287,6 +294,13 @@ class Transformer(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, *, adapter_ctx: Any = None) -> jax.Array:
         return self.forward(input_ids, attention_mask, adapter_ctx=adapter_ctx).logits
+
+    def layer_output(self, input_ids, attention_mask=None, layer: int = 0, *, adapter_ctx: Any = None) -> jax.Array:
+        """The residual stream after decoder layer ``layer`` (0-based), ``[B, T, D]``: what a
+        forward hook on HF ``model.layers[layer]`` returns (``output_hidden_states[layer + 1]``)."""
+        if not 0 <= layer < self.cfg.num_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {self.cfg.num_layers} decoder layers (0..{self.cfg.num_layers - 1})")
+        return self.forward(input_ids, attention_mask, adapter_ctx=adapter_ctx, upto_layer=layer).hidden
 
 
 def linear_layers(model: Transformer) -> dict[str, AdaptableLinear]:

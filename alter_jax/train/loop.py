@@ -36,7 +36,7 @@ from alter_jax.adapters.inject import add_adapters, count_params
 from alter_jax.data.batching import batch_indices, forget_retain_batches
 from alter_jax.entropy import fit_threshold
 from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
-from alter_jax.train.methods import MethodSpec, get_method
+from alter_jax.train.methods import MethodSpec, backbone_filter, get_method
 from alter_jax.train.optim import group_learning_rates, make_optimizer
 from alter_jax.train.prepare import answer_token_values, backbone_entropy_and_embeddings, encode, subdomain_experts
 from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model
@@ -164,7 +164,7 @@ def plan(run: C.RunConfig, device_bytes: int | None = None) -> dict[str, Any]:
         return m
 
     abstract = nnx.eval_shape(build)
-    _, trainable, frozen = split_model(abstract, method.trainable)
+    _, trainable, frozen = split_model(abstract, method.trainable, backbone_filter(method, run.loss, mcfg.num_layers))
     counts = {g: count_params(s) for g, s in {**frozen, **trainable}.items() if g != "rest"}
     out = {"model": str(folder), "model_type": mcfg.model_type, "method": method.name, "param_counts": counts,
            "trainable": {g: count_params(s) for g, s in trainable.items()}}
@@ -232,6 +232,7 @@ def unlearn(
     # -- model, data, entropy, sub-domains (deterministic: recomputed on resume)
     model, tok, folder = load_model_and_tokenizer(run.model, progress)
     log(f"model {folder} ({model.cfg.model_type}, {model.cfg.num_params() / 1e6:.1f}M params), method {method.name}")
+    bfilter = backbone_filter(method, run.loss, model.cfg.num_layers)  # RMU: a few MLP kernels; else None
     rows = dict(zip(SIDES, load_rows(run.data, out)))
     if run.data.kind == "text":
         from alter_jax.data.corpus import encode_texts
@@ -270,8 +271,14 @@ def unlearn(
                                    use_router=method.router and method.asymmetric)
         add_adapters(model, acfg, seed=run.train.seed)
     reference = None
-    if not method.adapter and (method.forget_loss == "npo" or method.retain_loss == "kl" or run.loss.retain_loss == "kl"):
-        reference = jax.tree_util.tree_map(jnp.copy, nnx.state(model, nnx.Param))
+    if not method.adapter and (method.forget_loss in ("npo", "rmu") or method.retain_loss == "kl"
+                               or run.loss.retain_loss == "kl"):
+        reference = jax.tree_util.tree_map(jnp.copy, nnx.state(model, nnx.All(nnx.Param, bfilter or nnx.Param)))
+    control = None
+    if method.forget_loss == "rmu":
+        from alter_jax.train.step import rmu_control
+
+        control = rmu_control(model.cfg.hidden_size, run.loss.rmu_steering, run.train.seed)
 
     ckpt = RunCheckpointer(out / "checkpoints")
     metrics_file = out / "metrics.jsonl"
@@ -281,13 +288,19 @@ def unlearn(
         total_steps = min(total_steps, run.train.max_steps)
 
     # -- phase I (ALTER): A and a single head B_s on high-entropy tokens, then copy B_s to every expert
-    graphdef, trainable, frozen_parts = split_model(model, method.trainable)
+    graphdef, trainable, frozen_parts = split_model(model, method.trainable, bfilter)
+    if "backbone" in trainable and count_params(trainable["backbone"]) == 0:
+        raise C.ConfigValueError(f"config.loss.rmu_params = {run.loss.rmu_params!r} matches no backbone parameter; "
+                                 "paths look like 'layers.5.mlp.down_proj.kernel'")
+    if bfilter is not None:
+        log(f"trainable backbone parameters: {count_params(trainable['backbone']):,} "
+            f"({len(jax.tree_util.tree_leaves(trainable['backbone']))} arrays)")
     resumed = ckpt.latest_step()
     if method.phase1 and run.train.phase1_steps > 0 and resumed is None:
         trainable, frozen_parts = _phase1(model, method, run, arrays, threshold, progress, metrics_file)
         graphdef, trainable, frozen_parts = split_model(model, method.trainable)
 
-    frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=reference)
+    frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=reference, control=control)
     lrs = group_learning_rates(method, run.optim)
     tx = make_optimizer(lrs, run.optim)
     state = init_state(trainable, tx)

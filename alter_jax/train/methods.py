@@ -8,6 +8,8 @@ comparisons are like for like. Groups: ``backbone`` (full-parameter methods),
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +20,7 @@ class MethodSpec:
     asymmetric: bool = False  # ALTER/AsymLoRA: per-sub-domain forget experts + retain expert
     entropy: bool = False  # token entropy partitions answer tokens (ALTER)
     router: bool = False
-    forget_loss: str = "ga"  # ga | npo | simnpo | ihl
+    forget_loss: str = "ga"  # ga | npo | simnpo | ihl | rmu
     retain_loss: str | None = None  # nll | kl | None
     trainable: tuple[str, ...] = ()
     phase1: bool = False
@@ -54,6 +56,9 @@ METHODS: dict[str, MethodSpec] = {
                    retain_loss="kl", trainable=("backbone",)),
         MethodSpec("simnpo", "full-parameter SimNPO + NLL on retain", adapter=False, forget_loss="simnpo",
                    retain_loss="nll", trainable=("backbone",)),
+        MethodSpec("rmu", "RMU: steer one layer's activations on forget tokens to a random direction, keep them "
+                   "on retain tokens; only a few MLP weights train (Li et al. 2024)", adapter=False,
+                   forget_loss="rmu", retain_loss="rmu", trainable=("backbone",)),
     ]
 }
 
@@ -63,3 +68,30 @@ def get_method(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def rmu_default_params(layer: int) -> str:
+    """The WMDP reference choice: the ``down_proj`` kernels of layers ``layer-2 .. layer``."""
+    layers = "|".join(str(i) for i in range(max(0, layer - 2), layer + 1))
+    return rf"^layers\.({layers})\.mlp\.down_proj\.kernel$"
+
+
+def backbone_filter(method: MethodSpec, loss, num_layers: int) -> Callable | None:
+    """The NNX filter of the backbone parameters a method trains (``None`` = all of them).
+
+    Only RMU restricts it; its settings are checked here, against the loaded model, with
+    errors that name the config field.
+    """
+    from alter_jax.config import ConfigValueError
+
+    if method.forget_loss != "rmu":
+        return None
+    if not 0 <= loss.rmu_layer < num_layers:
+        raise ConfigValueError(f"config.loss.rmu_layer = {loss.rmu_layer}: the model has {num_layers} decoder layers; "
+                         f"choose 0..{num_layers - 1} (the WMDP reference steers layer 7 of 32)")
+    pattern = loss.rmu_params or rmu_default_params(loss.rmu_layer)
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ConfigValueError(f"config.loss.rmu_params = {pattern!r} is not a regular expression: {e}") from None
+    return lambda path, _: bool(rx.search(".".join(map(str, path))))

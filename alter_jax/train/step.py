@@ -62,23 +62,37 @@ class TrainState:
 class Frozen:
     graphdef: Any = struct.field(pytree_node=False)  # nnx.GraphDef (static)
     parts: dict[str, nnx.State] = None  # backbone + adapter groups not trained + rest
-    reference: nnx.State | None = None  # backbone before unlearning (full-parameter methods)
+    reference: nnx.State | None = None  # trained backbone parameters before unlearning (KL / NPO / RMU)
+    control: jax.Array | None = None  # RMU: the steering target c·u, float32[D]
 
 
 # ----------------------------------------------------------------------------- model plumbing
-def split_model(model, trainable_groups: tuple[str, ...]) -> tuple[Any, dict[str, nnx.State], dict[str, nnx.State]]:
-    """``(graphdef, trainable, frozen_parts)`` by group name (``backbone`` = ``nnx.Param``)."""
-    graphdef, backbone, *groups, rest = nnx.split(model, nnx.Param, *GROUPS.values(), ...)
-    named = {"backbone": backbone, **dict(zip(GROUPS, groups)), "rest": rest}
+def split_model(
+    model, trainable_groups: tuple[str, ...], backbone_filter=None
+) -> tuple[Any, dict[str, nnx.State], dict[str, nnx.State]]:
+    """``(graphdef, trainable, frozen_parts)`` by group name (``backbone`` = ``nnx.Param``).
+
+    ``backbone_filter`` (an NNX filter, e.g. from :func:`alter_jax.train.methods.backbone_filter`)
+    narrows ``backbone`` to the parameters it matches; the other ``nnx.Param`` go to the
+    frozen part ``backbone_frozen``, so they get neither gradients nor optimizer state.
+    """
+    if backbone_filter is None:
+        graphdef, backbone, *groups, rest = nnx.split(model, nnx.Param, *GROUPS.values(), ...)
+        named = {"backbone": backbone}
+    else:
+        graphdef, backbone, backbone_frozen, *groups, rest = nnx.split(
+            model, nnx.All(nnx.Param, backbone_filter), nnx.Param, *GROUPS.values(), ...)
+        named = {"backbone": backbone, "backbone_frozen": backbone_frozen}
+    named = {**named, **dict(zip(GROUPS, groups)), "rest": rest}
     trainable = {g: named[g] for g in trainable_groups}
     frozen = {g: s for g, s in named.items() if g not in trainable_groups}
     return graphdef, trainable, frozen
 
 
 def merge_model(graphdef, trainable: dict, frozen: dict):
-    order = ["backbone", *GROUPS, "rest"]
+    order = ["backbone", "backbone_frozen", *GROUPS, "rest"]
     states = {**frozen, **trainable}
-    return nnx.merge(graphdef, *[states[k] for k in order])
+    return nnx.merge(graphdef, *[states[k] for k in order if k in states])
 
 
 def _concat(batch: Batch, key: str) -> jax.Array:
@@ -283,6 +297,36 @@ def generic_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings
     return total, {"loss": total, "forget": forget, "retain": retain}
 
 
+def rmu_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    """RMU (Li et al. 2024, Eq. 1-2): ``β·MSE(h_ℓ(forget), c·u) + γ·MSE(h_ℓ(retain), h_ℓ^frozen(retain))``.
+
+    ``h_ℓ`` is the output of decoder layer ``loss.rmu_layer``, scored on answer tokens; only
+    the parameters in ``trainable["backbone"]`` (a few MLP kernels) move, and the forward
+    stops at layer ℓ (the layers above it and the LM head are never run).
+    """
+    lc = settings.loss
+    n_forget = batch["forget"]["input_ids"].shape[0]
+    ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
+
+    def activations(tr):
+        return merge_model(frozen.graphdef, tr, frozen.parts).layer_output(ids, mask, lc.rmu_layer)
+
+    h = activations(trainable)
+    h_ref = jax.lax.stop_gradient(activations({**trainable, "backbone": frozen.reference}))
+    scored = (labels != L.IGNORE_INDEX).astype(jnp.float32)
+    f = (jnp.arange(ids.shape[0]) < n_forget).astype(jnp.float32)[:, None]
+    forget = L.rmu_activation_loss(h, jnp.broadcast_to(frozen.control.astype(h.dtype), h.shape), scored * f)
+    retain = L.rmu_activation_loss(h, h_ref, scored * (1 - f))
+    total = lc.beta * forget + lc.gamma * retain
+    return total, {"loss": total, "forget": forget, "retain": retain}
+
+
+def rmu_control(hidden_size: int, steering: float, seed: int) -> jax.Array:
+    """``c·u``: ``u`` uniform on [0, 1)^D, normalised (the WMDP reference), fixed per seed."""
+    u = jax.random.uniform(jax.random.key(seed), (hidden_size,), jnp.float32)
+    return steering * u / jnp.linalg.norm(u)
+
+
 def phase1_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
     """Phase I: a single head ``B_s`` (the retain expert slot) and ``A`` learn next-token
     NLL on the high-entropy answer tokens of forget ∪ retain (spec §4)."""
@@ -300,7 +344,8 @@ def loss_and_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettin
         return loss, metrics, grads
     if settings.method.asymmetric:
         return alter_grads(trainable, frozen, batch, settings)
-    (loss, metrics), grads = jax.value_and_grad(generic_loss, has_aux=True)(trainable, frozen, batch, settings)
+    fn = rmu_loss if settings.method.forget_loss == "rmu" else generic_loss
+    (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(trainable, frozen, batch, settings)
     return loss, metrics, grads
 
 

@@ -81,3 +81,19 @@ def test_sharded_index_checkpoint_loads(tmp_path):
     save_pretrained(load_pretrained(d), tmp_path / "ours", max_shard_bytes=30_000)
     assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
     np.testing.assert_array_equal(np.asarray(load_pretrained(tmp_path / "ours")(ids, mask)), b)
+
+
+def test_layer_output_matches_hf_hidden_states(tiny):
+    """``layer_output(ℓ)`` (RMU's activations) is HF's ``output_hidden_states[ℓ + 1]``."""
+    _, tm, jm = tiny
+    ids, mask = left_padded_batch([12, 7], 12, seed=3)
+    pos = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        hs = tm(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                output_hidden_states=True).hidden_states
+    for layer in range(jm.cfg.num_layers - 1):  # the last entry of hidden_states is normed by HF
+        got = np.asarray(jm.layer_output(ids, mask, layer))
+        err = np.abs(got - hs[layer + 1].numpy())[mask == 1].max()
+        assert err < 1e-4, (layer, err)
+    with pytest.raises(ValueError, match="decoder layers"):
+        jm.layer_output(ids, mask, jm.cfg.num_layers)

@@ -185,3 +185,25 @@ def test_nll_matches_hf_shifted_loss():
         torch.tensor(logits[:, :-1]).reshape(-1, V), torch.tensor(labels[:, 1:]).reshape(-1), ignore_index=-100
     ).item()
     np.testing.assert_allclose(ours, ref, **TOL)
+
+
+def test_rmu_activation_loss_matches_open_unlearning_formula():
+    """RMU's activation MSE against open-unlearning's ``compute_activation_loss`` (torch), value and grad."""
+    rng = np.random.default_rng(5)
+    act = rng.normal(size=(3, 7, 16)).astype(np.float32)
+    target = rng.normal(size=(3, 7, 16)).astype(np.float32)
+    mask = (rng.random((3, 7)) < 0.5).astype(np.float32)
+    mask[:, 0] = 1.0  # every example scores a token (the torch formula divides by the count)
+
+    def torch_loss(a1, a2, m):
+        sq = torch.nn.functional.mse_loss(a1, a2, reduction="none")
+        summed = (sq * m.unsqueeze(-1).expand_as(sq)).mean(dim=2).sum(dim=1)
+        return (summed / m.sum(dim=-1)).mean()
+
+    j_val, j_grad = jax.value_and_grad(L.rmu_activation_loss)(jnp.asarray(act), jnp.asarray(target), jnp.asarray(mask))
+    t_act = torch.tensor(act, requires_grad=True)
+    t_val = torch_loss(t_act, torch.tensor(target), torch.tensor(mask))
+    (t_grad,) = torch.autograd.grad(t_val, t_act)
+    np.testing.assert_allclose(float(j_val), t_val.item(), **TOL)
+    np.testing.assert_allclose(np.asarray(j_grad), t_grad.numpy(), **TOL)
+    assert np.abs(t_grad.numpy()).max() > 1e-4

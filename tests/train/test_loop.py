@@ -125,3 +125,36 @@ def test_text_corpora_each_corpus_is_a_subdomain(tmp_path):
     assert report["data"]["subdomains"]["source"] == "labels"
     assert report["data"]["num_forget_experts"] == 2
     assert report["steps"] == 2 and np.isfinite(report["after"]["forget"]["answer_prob"])
+
+
+def test_rmu_run_changes_only_the_steered_mlp_kernels(tmp_path):
+    from alter_jax.demo import ensure_demo_model
+
+    run = demo_run(tmp_path / "rmu", train={"method": "rmu"}, loss={"rmu_layer": 1}, optim={"lr": 1e-3})
+    report = unlearn(run, progress=False, log=lambda *_: None)
+    b, a = report["before"], report["after"]
+    assert a["forget"]["answer_prob"] < 0.5 * b["forget"]["answer_prob"]  # 0.99 -> 0.15 here
+    assert a["retain"]["rouge_l_recall"] > 0.9  # retained answers still generated (0.99 here)
+    assert report["trainable_params"] == {"backbone": 2 * 256 * 128}  # down_proj [256, 128] of layers 0 and 1
+    new = load_file(tmp_path / "rmu" / "model" / "model.safetensors")
+    old = load_file(ensure_demo_model(progress=False) / "model.safetensors")
+    changed = {k for k in old if not np.array_equal(old[k], new[k])}
+    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+
+
+def test_rmu_dry_run_counts_only_the_steered_kernels():
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "unlearn"), "--config", str(REPO / "configs" / "tofu_10.py"),
+                           "--config.train.method=rmu", "--dry-run", "--json"], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["trainable"] == {"backbone": 3 * 11008 * 4096}  # down_proj of layers 5, 6, 7 of Llama-2-7b
+
+
+def test_rmu_layer_beyond_the_model_is_named_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "unlearn"), "--config", str(REPO / "configs" / "demo.py"),
+                           "--config.train.method=rmu", f"--config.output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "config.loss.rmu_layer = 7: the model has 2 decoder layers; choose 0..1" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
