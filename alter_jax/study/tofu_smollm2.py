@@ -429,20 +429,26 @@ def _plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     colors: dict[str, Any] = {}
+    placed: list[tuple[float, float]] = []  # label anchors so far: near-coincident points stack their labels
+    full_mu = next((e["model_utility"] for name, e in rows if name == "full" and e is not None), None)
     for name, e in rows:
         if e is None or e["forget_quality"] is None:
             continue
         fq = max(e["forget_quality"], 1e-12)
+        near = sum(abs(mu - e["model_utility"]) < 0.02 and abs(np.log10(q / fq)) < 0.15 for mu, q in placed)
+        placed.append((e["model_utility"], fq))
         method = e.get("method", name)
         color = colors.setdefault(method, f"C{len(colors) % 10}")
         variant = bool(e.get("overrides"))  # hollow marker: a variant of a method's default setting
         ax.scatter(e["model_utility"], fq, marker="*" if method == "alter" else "o",
                    s=90 if method == "alter" else 40, facecolors="none" if variant else color, edgecolors=color)
-        ax.annotate(name, (e["model_utility"], fq), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(name, (e["model_utility"], fq), textcoords="offset points", xytext=(4, 4 + 8 * near), fontsize=7)
     ax.set_yscale("log")
     ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
+    if full_mu is not None:  # the goal's utility bar: 90 % of the full model
+        ax.axvline(0.9 * full_mu, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xlabel("Model Utility")
     ax.set_ylabel("Forget Quality (KS p-value, log)")
     ax.set_title("TOFU forget01, SmolLM2-135M-Instruct")
