@@ -43,7 +43,9 @@ def test_bench_runs_every_row_on_a_tiny_model(tmp_path):
 def test_bad_arguments_are_one_line_errors():
     for argv, needle in ((["--what", "forward,speed"], "unknown part(s) ['speed']"),
                          (["--batch", "1", "--what", "step"], "--batch must be >= 2"),
-                         (["--model", "/no/such/folder"], "--model /no/such/folder")):
+                         (["--model", "/no/such/folder"], "--model /no/such/folder"),
+                         (["--what", "mfu", "--shape", "llama-70b"], "--shape 'llama-70b': choose from llama-1b"),
+                         (["--what", "mfu", "--shape", "mfu-tiny", "--seq", "5000"], "exceeds mfu-tiny's")):
         proc = subprocess.run([sys.executable, str(REPO / "bin" / "bench"), *argv], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -56,3 +58,37 @@ def test_interleaved_timing_alternates_and_reports_the_first_call_apart():
     assert len(res["a"].times_s) == 3 and res["a"].warmup_s >= 0 and res["b"].median_s >= 0
     with pytest.raises(ValueError, match="steps must be >= 1"):
         interleaved({"a": lambda: None}, steps=0)
+
+
+def test_mfu_suite_reports_tflops_and_mfu_against_the_given_peak(tmp_path):
+    out = tmp_path / "mfu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "bench"), "--what", "mfu", "--shape", "mfu-tiny",
+                           "--dtype", "float32", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
+                           "--peak-tflops", "0.5", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["name"] for r in res["rows"]] == ["JAX ALTER step (drift)", "JAX LoRA step", "PyTorch+PEFT LoRA step"]
+    flops = res["extra"]["model_tflops_per_step"] * 1e12
+    for r in res["rows"]:  # MFU = model FLOPs / (median step time x peak)
+        assert r["mfu"] == pytest.approx(flops / r["median_s"] / 0.5e12, rel=1e-9)
+    ratios = {r["name"]: r for r in res["ratios"]}
+    assert ratios["(d) JAX ALTER step MFU (mfu-tiny)"]["goal"] == ">= 0.4"
+    assert res["extra"]["forward_tflops_xla"] == pytest.approx(res["extra"]["forward_tflops_analytic"], rel=0.05)
+    assert "MFU" in proc.stdout
+
+
+def test_step_flops_convention_and_named_shapes():
+    from alter_jax.bench.mfu import forward_flops, peak_flops, shape_config, step_flops
+
+    cfg = shape_config("llama2-7b")
+    assert cfg.num_params() == 6_738_415_616  # Llama-2-7B's published parameter count
+    assert shape_config("llama-1b").num_params() == 1_235_814_400  # Llama-3.2-1B (tied embeddings)
+    linear, attention = forward_flops(cfg, 1, 4096)
+    # 2 FLOPs per matmul parameter per token (embedding lookup excluded, LM head included)
+    assert linear == 2 * (cfg.num_params() - 2 * 32000 * 4096 + 32000 * 4096 - 4096 - 32 * 2 * 4096) * 4096
+    assert attention == 4 * 32 * 4096 * 4096 * 4096
+    assert step_flops(cfg, 1, 4096) == 2 * linear + 3 * attention
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("cpu") is None and peak_flops("cpu", 1.5) == 1.5e12
+    with pytest.raises(ValueError, match="choose from llama-1b"):
+        shape_config("gpt2")

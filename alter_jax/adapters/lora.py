@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alter_jax.adapters.thin import batched_matmul_t, matmul, matmul_t
+
 
 class AdapterParam(nnx.Variable):
     """Base type of every adapter parameter (never a backbone ``nnx.Param``)."""
@@ -158,21 +160,21 @@ class AsymLoRA(nnx.Module):
         x = jax.lax.stop_gradient(x).astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)  # scale-free across layer types
         inp = jnp.concatenate([x, entropy[..., None].astype(jnp.float32)], -1)
-        return inp @ self.router[...]
+        return matmul(inp, self.router[...])
 
     def __call__(self, x: jax.Array, ctx: Any) -> jax.Array:
         """``x: [B, T, d_in] -> s · Σ_e w_e B_e A x : [B, T, d_out]``."""
         cfg = self.cfg
-        a = x @ self.shared_a[...].astype(self.dtype).T  # [B, T, r]
+        a = matmul_t(x, self.shared_a[...].astype(self.dtype))  # [B, T, r]
         experts = self.experts().astype(self.dtype)  # [E, d_out, r]
         if ctx is None or experts.shape[0] == 1:
-            return cfg.scale * (a @ experts[0].T)
+            return cfg.scale * matmul_t(a, experts[0])
         if isinstance(ctx, HardRouting):
             if ctx.entropy is not None and self.router is not None:  # training the router
                 self.sow(RouterLogits, "sown_router_logits", self.router_logits(x, ctx.entropy))
             # Per-example expert: gather B_e for each example, exact zeros elsewhere.
             b = experts[ctx.expert]  # [B, d_out, r]
-            return cfg.scale * jnp.einsum("btr,bdr->btd", a, b)
+            return cfg.scale * batched_matmul_t(a, b)
         if isinstance(ctx, GatedRouting):
             if self.router is None:
                 raise ValueError("GatedRouting needs a router (AdapterConfig.use_router=True and N >= 1).")

@@ -32,7 +32,7 @@ from alter_jax.bench.timing import Timing, interleaved
 
 @dataclasses.dataclass(frozen=True)
 class BenchSpec:
-    folder: Path
+    folder: Path | None  # HF folder of forward / step / generate (None for mfu, which builds its own model)
     batch: int = 4
     seq: int = 128
     steps: int = 5

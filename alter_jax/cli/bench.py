@@ -13,6 +13,13 @@ call's time, compile included, is reported as "first s"):
   Goals: (a) JAX ALTER <= 0.7 x PyTorch LoRA time; (b) JAX ALTER <= 1.15 x JAX LoRA time.
 * ``generate`` — entropy-gated generation vs merged-weights generation, tokens/s;
   goal (c) gated >= 0.9 x merged.
+* ``mfu``      — (d) for accelerators: JAX ALTER and LoRA steps and the PyTorch + PEFT LoRA
+  step on a random-weight model of shape ``--shape`` (llama-1b, llama2-7b) in ``--dtype``
+  (bfloat16), built on the device; tokens/s, TFLOP/s and model FLOP utilisation
+  (``alter_jax.bench.mfu`` gives the FLOP convention and the peak table). Goal: ALTER MFU
+  >= 0.4 for llama2-7b. Not part of ``all``.
+
+    bin/bench --what mfu --shape llama2-7b --batch 8 --seq 1024
 
 Models: ``bench`` (default; random Llama-shaped, ~29M parameters, written once with
 transformers into the cache so both sides load the same weights), ``tiny`` (for tests),
@@ -32,7 +39,8 @@ from pathlib import Path
 
 from alter_jax.cli.common import CliError
 
-WHAT = ("forward", "step", "generate")
+WHAT = ("forward", "step", "generate", "mfu")
+ALL = ("forward", "step", "generate")  # "all": the CPU-sized parts; mfu is asked for by name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,7 +54,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens generated per row (default: %(default)s)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     p.add_argument("--experts", type=int, default=2, help="ALTER forget experts N (default: %(default)s)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side of 'step' (JAX ratios only)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side of 'step' and 'mfu' (JAX ratios only)")
+    p.add_argument("--shape", default="llama-1b", help="mfu: model shape, llama-1b | llama2-7b | mfu-tiny (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="mfu: compute and weight dtype (default: %(default)s)")
+    p.add_argument("--remat", action="store_true", help="mfu: rematerialise each layer (jax.checkpoint; gradient checkpointing in PyTorch)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="mfu: the device's peak dense TFLOP/s, if not in the built-in table")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
     return p
 
@@ -54,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
 def parse_what(text: str) -> list[str]:
     parts = [w.strip() for w in text.split(",") if w.strip()]
     if parts == ["all"]:
-        return list(WHAT)
+        return list(ALL)
     bad = [w for w in parts if w not in WHAT]
     if bad or not parts:
         raise CliError(f"--what {text!r}: unknown part(s) {bad}; choose from {', '.join(WHAT)} or all")
@@ -80,8 +92,11 @@ def format_table(result: dict) -> str:
              "",
              f"{'section':<11} {'variant':<36} {'first s':>8} {'median s':>9} {'tokens/s':>10} {'spread':>7}"]
     for r in result["rows"]:
+        mfu = ""
+        if "tflops_per_s" in r:
+            mfu = f"  {r['tflops_per_s']:.1f} TFLOP/s" + ("" if r["mfu"] is None else f"  MFU {r['mfu']:.1%}")
         lines.append(f"{r['section']:<11} {r['name']:<36} {r['compile_s']:8.3f} {r['median_s']:9.4f} "
-                     f"{r['tokens_per_s']:10.1f} {r['spread']:7.2f}")
+                     f"{r['tokens_per_s']:10.1f} {r['spread']:7.2f}{mfu}")
     lines += ["", f"{'ratio':<56} {'value':>7} {'goal':>8}  met"]
     for r in result["ratios"]:
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
@@ -94,14 +109,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(what: list[str], spec, *, with_torch: bool = True, log=print) -> dict:
+def run_bench(what: list[str], spec, *, with_torch: bool = True, mfu=None, log=print) -> dict:
+    from alter_jax.bench.mfu import MfuSpec, bench_mfu
     from alter_jax.bench.suites import SUITES
 
     rows, ratios, extra = [], [], {}
     for w in what:
         log(f"[bench] {w} ...")
-        kw = {"with_torch": with_torch} if w == "step" else {}
-        r, q, e = SUITES[w](spec, **kw)
+        if w == "mfu":
+            r, q, e = bench_mfu(spec, mfu or MfuSpec(), with_torch=with_torch)
+        else:
+            kw = {"with_torch": with_torch} if w == "step" else {}
+            r, q, e = SUITES[w](spec, **kw)
         rows += r
         ratios += q
         extra.update(e)
@@ -124,30 +143,45 @@ def import_torch_first() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    order = import_torch_first()
     what = parse_what(args.what)
+    if "mfu" in what:  # JAX and PyTorch share the accelerator: no JAX pre-allocation of 75 % of its memory
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    order = import_torch_first()
     for name in ("batch", "seq", "steps", "warmup", "new_tokens", "rank", "experts"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if "step" in what and args.batch < 2:
         raise CliError("--batch must be >= 2 for 'step' (half forget, half retain rows)")
+    from alter_jax.bench.mfu import SHAPES, MfuSpec, shape_config
     from alter_jax.bench.models import resolve_bench_model
     from alter_jax.bench.suites import BenchSpec
     from alter_jax.io.hf import load_config
 
-    try:
-        folder = resolve_bench_model(args.model)
-        cfg = load_config(folder)
-    except (ValueError, OSError) as e:
-        raise CliError(f"--model {args.model}: {e}") from None
-    if args.seq + args.new_tokens > cfg.max_position_embeddings:
+    if "mfu" in what:
+        if args.shape not in SHAPES:
+            raise CliError(f"--shape {args.shape!r}: choose from {', '.join(SHAPES)}")
+        if args.batch < 2:
+            raise CliError("--batch must be >= 2 for 'mfu' (half forget, half retain rows)")
+        if args.seq > shape_config(args.shape).max_position_embeddings:
+            raise CliError(f"--seq {args.seq} exceeds {args.shape}'s max_position_embeddings")
+    folder = None
+    if any(w != "mfu" for w in what):
+        try:
+            folder = resolve_bench_model(args.model)
+            cfg = load_config(folder)
+        except (ValueError, OSError) as e:
+            raise CliError(f"--model {args.model}: {e}") from None
+    else:
+        cfg = shape_config(args.shape, args.dtype)
+    if args.seq + args.new_tokens > cfg.max_position_embeddings and "generate" in what:
         raise CliError(f"--seq {args.seq} + --new-tokens {args.new_tokens} exceed the model's "
                        f"max_position_embeddings {cfg.max_position_embeddings}")
-    spec = BenchSpec(folder=Path(folder), batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+    spec = BenchSpec(folder=None if folder is None else Path(folder), batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                      rank=args.rank, forget_experts=args.experts, new_tokens=args.new_tokens)
-    result = run_bench(what, spec, with_torch=not args.no_torch, log=lambda s: print(s, file=sys.stderr))
+    mfu = MfuSpec(shape=args.shape, dtype=args.dtype, remat=args.remat, peak_tflops=args.peak_tflops)
+    result = run_bench(what, spec, with_torch=not args.no_torch, mfu=mfu, log=lambda s: print(s, file=sys.stderr))
     result["environment"] = environment()
-    result["settings"] = {"model": args.model, "folder": str(folder), "params_m": cfg.num_params() / 1e6,
+    result["settings"] = {"model": args.model if folder is not None else args.shape, "folder": str(folder), "params_m": cfg.num_params() / 1e6,
                           "import_order": order, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
                           "new_tokens": args.new_tokens, "rank": args.rank, "experts": args.experts, "what": what}
     print(format_table(result))
