@@ -26,17 +26,11 @@ def _fast_layout() -> bool:
 
 
 def _outer(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``lhs[N, p]ᵀ @ rhs[N, q] -> [p, q]``, the dot's output laid out with the larger dim minor."""
+    """``einsum('...np,...nq->...pq')`` (``lhs[N, p]ᵀ @ rhs[N, q]``, per leading batch index),
+    the dot's output laid out with the larger of p, q minor."""
     if _fast_layout() and rhs.shape[-1] < lhs.shape[-1]:
-        return jnp.transpose(jax.lax.optimization_barrier(rhs.T @ lhs))
-    return lhs.T @ rhs
-
-
-def _outer_batched(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``einsum('btp,btq->bpq')`` with the larger of p, q minor (see :func:`_outer`)."""
-    if _fast_layout() and rhs.shape[-1] < lhs.shape[-1]:
-        return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum("btq,btp->bqp", rhs, lhs)), 1, 2)
-    return jnp.einsum("btp,btq->bpq", lhs, rhs)
+        return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum("...nq,...np->...qp", rhs, lhs)), -1, -2)
+    return jnp.einsum("...np,...nq->...pq", lhs, rhs)
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -94,7 +88,7 @@ def _batched_fwd(x, w):
 
 def _batched_bwd(res, g):
     x, w = res
-    return jnp.einsum("btn,bnk->btk", g, w).astype(x.dtype), _outer_batched(g, x).astype(w.dtype)
+    return jnp.einsum("btn,bnk->btk", g, w).astype(x.dtype), _outer(g, x).astype(w.dtype)
 
 
 batched_matmul_t.defvjp(_batched_fwd, _batched_bwd)

@@ -28,7 +28,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from alter_jax.bench.timing import interleaved
@@ -109,10 +108,9 @@ def random_backbone(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
 def torch_route_step_fn(cfg: ModelConfig, spec, batch: dict) -> Callable[[], object]:
     """transformers + PEFT LoRA step on the accelerator (CUDA when there, else CPU), ``cfg``'s shape and dtype."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alter_jax.models.llama import TARGET_MODULES
+    from alter_jax.bench.suites import peft_lora_step_fn
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype)
@@ -126,22 +124,7 @@ def torch_route_step_fn(cfg: ModelConfig, spec, batch: dict) -> Callable[[], obj
     if cfg.remat:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
-    pm = get_peft_model(base, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
-                                         target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM"))
-    pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-    cat = {k: torch.from_numpy(np.concatenate([batch["forget"][k], batch["retain"][k]]).astype(np.int64)).to(dev)
-           for k in ("input_ids", "attention_mask", "labels")}
-
-    def run():
-        out = pm(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"], labels=cat["labels"], use_cache=False)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    return run
+    return peft_lora_step_fn(base, spec, batch)
 
 
 @dataclasses.dataclass(frozen=True)

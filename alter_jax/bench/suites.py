@@ -142,20 +142,20 @@ def jax_step_fn(backbone, spec: BenchSpec, method: str, struct_penalty: str, bat
     return run
 
 
-def torch_lora_step_fn(spec: BenchSpec, batch: dict) -> Callable[[], object]:
-    """PEFT LoRA (r, alpha, dropout 0, the 7 projections) + AdamW: forward + loss + backward + step."""
+def peft_lora_step_fn(base, spec: BenchSpec, batch: dict) -> Callable[[], object]:
+    """PEFT LoRA (r, alpha, dropout 0, the 7 projections) on ``base`` + AdamW: forward + loss +
+    backward + step, on ``base``'s device (synchronised when that is CUDA)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from alter_jax.bench.models import torch_model
     from alter_jax.models.llama import TARGET_MODULES
 
-    base = torch_model(spec.folder)
+    dev = next(base.parameters()).device
     pm = get_peft_model(base, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
                                          target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM"))
     pm.train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-    cat = {k: torch.from_numpy(np.concatenate([batch["forget"][k], batch["retain"][k]]).astype(np.int64))
+    cat = {k: torch.from_numpy(np.concatenate([batch["forget"][k], batch["retain"][k]]).astype(np.int64)).to(dev)
            for k in ("input_ids", "attention_mask", "labels")}
 
     def run():
@@ -163,8 +163,17 @@ def torch_lora_step_fn(spec: BenchSpec, batch: dict) -> Callable[[], object]:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     return run
+
+
+def torch_lora_step_fn(spec: BenchSpec, batch: dict) -> Callable[[], object]:
+    """The PyTorch route on the bench folder's weights (float32, CPU): :func:`peft_lora_step_fn`."""
+    from alter_jax.bench.models import torch_model
+
+    return peft_lora_step_fn(torch_model(spec.folder), spec, batch)
 
 
 def bench_steps(spec: BenchSpec, *, with_torch: bool = True) -> tuple[list[dict], list[dict], dict]:

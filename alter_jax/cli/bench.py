@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "seq", "steps", "warmup", "new_tokens", "rank", "experts"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if "step" in what and args.batch < 2:
-        raise CliError("--batch must be >= 2 for 'step' (half forget, half retain rows)")
+    for part in ("step", "mfu"):
+        if part in what and args.batch < 2:
+            raise CliError(f"--batch must be >= 2 for '{part}' (half forget, half retain rows)")
     from alter_jax.bench.mfu import SHAPES, MfuSpec, shape_config
     from alter_jax.bench.models import resolve_bench_model
     from alter_jax.bench.suites import BenchSpec
@@ -160,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     if "mfu" in what:
         if args.shape not in SHAPES:
             raise CliError(f"--shape {args.shape!r}: choose from {', '.join(SHAPES)}")
-        if args.batch < 2:
-            raise CliError("--batch must be >= 2 for 'mfu' (half forget, half retain rows)")
         if args.seq > shape_config(args.shape).max_position_embeddings:
             raise CliError(f"--seq {args.seq} exceeds {args.shape}'s max_position_embeddings")
     folder = None

@@ -298,7 +298,7 @@ def unlearn(
     resumed = ckpt.latest_step()
     if method.phase1 and run.train.phase1_steps > 0 and resumed is None:
         trainable, frozen_parts = _phase1(model, method, run, arrays, threshold, progress, metrics_file)
-        graphdef, trainable, frozen_parts = split_model(model, method.trainable)
+        graphdef, trainable, frozen_parts = split_model(model, method.trainable, bfilter)
 
     frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=reference, control=control)
     lrs = group_learning_rates(method, run.optim)
