@@ -27,6 +27,9 @@ class ModelSpec:
     attention_impl: str = "xla"  # xla | cudnn (GPU, bfloat16) | auto
     prompt_format: str = "auto"
     max_length: int = 128
+    # each batch (training, entropy pre-pass, evaluation) is padded to the next multiple of this that
+    # holds its longest row, not to max_length: a few static widths, one compile each (0 = max_length)
+    length_bucket: int = 32
 
 
 @dataclasses.dataclass(frozen=True)

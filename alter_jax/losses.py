@@ -61,6 +61,8 @@ __all__ = [
     "kl_min_loss",
     "npo_per_example",
     "npo_loss",
+    "npo_from_log_ratio",
+    "npo_loss_from_ref",
     "simnpo_per_example",
     "simnpo_loss",
     "rmu_activation_loss",
@@ -333,9 +335,13 @@ def npo_per_example(
     """
     _check_aligned(logits, targets, mask)
     chex.assert_equal_shape([logits, ref_logits])
-    log_ratio = sequence_log_prob(logits, targets, mask) - sequence_log_prob(
-        jax.lax.stop_gradient(ref_logits), targets, mask
-    )
+    ref_log_prob = sequence_log_prob(jax.lax.stop_gradient(ref_logits), targets, mask)
+    return npo_from_log_ratio(sequence_log_prob(logits, targets, mask) - ref_log_prob, beta)
+
+
+def npo_from_log_ratio(log_ratio: Float[Array, " b"], beta: float) -> Float[Array, " b"]:
+    """``ℓ_i = −(2/β) · log σ(−β · r_i)`` with ``r_i = log π_θ(y_i|x_i) − log π_ref(y_i|x_i)``
+    (NPO, Eq. 3), per example ``[B]``."""
     return -(2.0 / beta) * jax.nn.log_sigmoid(-beta * log_ratio)
 
 
@@ -349,6 +355,22 @@ def npo_loss(
     """``L_NPO = E_i[ℓ_i]`` of :func:`npo_per_example`, over examples with answer tokens."""
     per = npo_per_example(logits, ref_logits, targets, mask, beta)
     return example_mean(per, jnp.sum(mask, axis=-1))
+
+
+def npo_loss_from_ref(
+    logits: Float[Array, "b t v"],
+    ref_log_prob: Float[Array, " b"],
+    targets: Int[Array, "b t"],
+    mask: Float[Array, "b t"],
+    beta: float = 0.1,
+) -> Float[Array, ""]:
+    """:func:`npo_loss` with the reference given as its sequence log-probabilities
+    ``log π_ref(y_i|x_i)`` ``[B]`` (summed over the same answer tokens, computed once before
+    training since the reference is frozen), so no reference forward runs in the step."""
+    _check_aligned(logits, targets, mask)
+    chex.assert_shape(ref_log_prob, (logits.shape[0],))
+    log_ratio = sequence_log_prob(logits, targets, mask) - jax.lax.stop_gradient(ref_log_prob).astype(jnp.float32)
+    return example_mean(npo_from_log_ratio(log_ratio, beta), jnp.sum(mask, axis=-1))
 
 
 def simnpo_per_example(

@@ -229,7 +229,7 @@ def plan_memory(
     trainable = tuple(g for g in method.trainable if g in per_dev)
     trained_bytes = sum(per_dev[g] for g in trainable)
 
-    needs_ref = method.forget_loss == "npo" or method.retain_loss == "kl"
+    needs_ref = method.retain_loss == "kl"  # NPO: reference log-probabilities come from the pre-pass
     comps: dict[str, int] = {"backbone params": per_dev["backbone"]}
     adapter_bytes = sum(per_dev[g] for g in GROUPS)
     if adapter_bytes:

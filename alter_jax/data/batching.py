@@ -7,7 +7,14 @@ forget example is paired with a retain example drawn uniformly at random (TOFU:
 keyed by ``(seed, epoch)``, so a run is reproducible and resumable.
 
 All arrays are ``int32[N, T]`` with the keys of :func:`alter_jax.data.prompts.encode_qa`
-(``input_ids``, ``attention_mask``, ``labels``); batches keep the static length ``T``.
+(``input_ids``, ``attention_mask``, ``labels``), right-padded to ``T = max_length``.
+
+**Length buckets.** A training batch is cut to the smallest bucket width ``W`` (a multiple of
+``ModelSpec.length_bucket``, at most ``T``) that holds its longest row (:func:`bucket_batch`),
+and carries ``score_pos int32[B, A]``: the logit positions whose next token a loss scores,
+compacted to the left and padded with -1, ``A`` itself bucketed. The jitted step therefore sees
+a few static shapes ``(W, A)`` (one compile each) and runs the vocabulary head on ``A`` positions
+per row instead of ``T``.
 """
 
 from __future__ import annotations
@@ -120,3 +127,53 @@ def length_sorted_batches(
                 ids[r, sl] = seq
                 mask[r, sl] = 1
         yield idx, ids, mask
+
+
+# ----------------------------------------------------------------------------- length buckets
+def bucket_width(n: int, multiple: int, max_width: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n`` (at least ``multiple``), capped at
+    ``max_width``; ``multiple <= 0`` means no buckets (always ``max_width``)."""
+    if multiple <= 0:
+        return max_width
+    return int(min(max_width, max(multiple, -(-n // multiple) * multiple)))
+
+
+def scored_positions(labels: np.ndarray, width: int) -> np.ndarray:
+    """``int32[N, width]``: per row the logit positions ``t`` whose target ``labels[:, t + 1]`` is
+    scored (``!= -100``), in order and compacted to the left, then ``-1``. ``width`` must hold the
+    row with the most scored tokens."""
+    scored = labels[:, 1:] != -100
+    counts = scored.sum(1)
+    if len(counts) and counts.max() > width:
+        raise ValueError(f"scored_positions: a row has {int(counts.max())} scored tokens, more than width {width}")
+    out = np.full((labels.shape[0], width), -1, np.int32)
+    for i, row in enumerate(scored):
+        pos = np.flatnonzero(row)
+        out[i, : len(pos)] = pos
+    return out
+
+
+def row_lengths(mask: np.ndarray) -> np.ndarray:
+    """Right-padded rows: index of the last real token + 1 (0 for an empty row)."""
+    return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
+
+
+def bucket_batch(batch: Mapping[str, Mapping[str, np.ndarray]], multiple: int) -> dict[str, Batch]:
+    """A forget/retain batch (``{"forget": {...}, "retain": {...}}``, right-padded ``[B, T]``
+    token arrays) cut to its length bucket ``W`` (shared by both sides, see the module
+    docstring), with ``score_pos int32[B, A]`` added to each side (:func:`scored_positions`;
+    ``A`` the bucket of the most scored tokens in a row, at most ``W - 1``). Per-row arrays
+    (``expert``, ``ref_logp``) are kept as they are."""
+    sides = list(batch)
+    t = batch[sides[0]]["input_ids"].shape[1]
+    width = bucket_width(max(int(row_lengths(batch[s]["attention_mask"]).max(initial=1)) for s in sides), multiple, t)
+    n_scored = max(int((batch[s]["labels"][:, 1:width] != -100).sum(1).max(initial=1)) for s in sides)
+    a = bucket_width(n_scored, multiple, width - 1) if width > 1 else 1
+    out = {}
+    for s in sides:
+        side = {k: (v[:, :width] if np.ndim(v) == 2 and np.shape(v)[1] == t else v) for k, v in batch[s].items()}
+        if np.any(batch[s]["attention_mask"][:, width:]):
+            raise ValueError("bucket_batch: rows must be right-padded (real tokens found past the bucket width)")
+        side["score_pos"] = scored_positions(side["labels"], a)
+        out[s] = side
+    return out

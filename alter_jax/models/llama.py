@@ -247,12 +247,15 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         adapter_ctx: Any = None,
         upto_layer: int | None = None,
+        head: bool = True,
     ) -> ModelOutput:
         """Full forward. With ``cache`` the new tokens are written at ``cache.index``.
 
         input_ids: int[B, T]; attention_mask: int[B, T] (1 = real token). With ``upto_layer``
         the layers after it are not run: ``hidden`` is the residual stream after decoder
         layer ``upto_layer`` (un-normed) and ``logits`` is ``None`` (see :meth:`layer_output`).
+        With ``head=False`` the vocabulary projection is skipped (``logits`` is ``None``): the
+        trainer projects only the positions a loss scores (:meth:`logits_from_hidden`).
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -285,12 +288,17 @@ class Transformer(nnx.Module):
         if upto_layer is not None:
             return ModelOutput(logits=None, hidden=x, cache=None)
         h = self.norm(x)
-        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        logits = (h @ head.astype(h.dtype)).astype(jnp.float32)
+        logits = self.logits_from_hidden(h) if head else None
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=index + t)
         return ModelOutput(logits=logits, hidden=h, cache=new_cache)
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """The LM head: final (normed) hidden states ``[..., D] -> float32 logits [..., V]``
+        (tied embeddings or ``lm_head``); any leading shape, e.g. gathered positions ``[B, A, D]``."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return (h @ w.astype(h.dtype)).astype(jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, *, adapter_ctx: Any = None) -> jax.Array:
         return self.forward(input_ids, attention_mask, adapter_ctx=adapter_ctx).logits

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 
 from alter_jax import config as C
 from alter_jax.adapters.inject import add_adapters, count_params
-from alter_jax.data.batching import batch_indices, forget_retain_batches
+from alter_jax.data.batching import batch_indices, bucket_batch, bucket_width, forget_retain_batches, row_lengths
 from alter_jax.entropy import fit_threshold
 from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
 from alter_jax.train.methods import MethodSpec, backbone_filter, get_method
 from alter_jax.train.optim import group_learning_rates, make_optimizer
-from alter_jax.train.prepare import answer_token_values, backbone_entropy_and_embeddings, encode, subdomain_experts
+from alter_jax.train.prepare import answer_token_values, backbone_statistics, encode, subdomain_experts
 from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model
 
 SIDES = ("forget", "retain")
@@ -102,27 +102,30 @@ def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[di
 
 
 # ----------------------------------------------------------------------------- evaluation
-def answer_probability(logits_fn, arrays, batch_size: int = 8) -> np.ndarray:
-    """Per example ``exp(−mean answer-token NLL)`` (TOFU's forget/retain "Prob.")."""
+def answer_probability(logits_fn, arrays, batch_size: int = 8, length_bucket: int = 32) -> np.ndarray:
+    """Per example ``exp(−mean answer-token NLL)`` (TOFU's forget/retain "Prob."); each batch is
+    cut to its length bucket (right-padded rows)."""
     from alter_jax.eval.tofu import answer_nll
 
     out = []
-    n = len(arrays["input_ids"])
+    n, t = arrays["input_ids"].shape
     for s in range(0, n, batch_size):
         idx = np.resize(np.arange(s, min(n, s + batch_size)), batch_size)
-        logits = logits_fn(arrays["input_ids"][idx], arrays["attention_mask"][idx])
-        total, count = answer_nll(logits, arrays["labels"][idx])
+        w = bucket_width(int(row_lengths(arrays["attention_mask"][idx]).max(initial=1)), length_bucket, t)
+        logits = logits_fn(arrays["input_ids"][idx, :w], arrays["attention_mask"][idx, :w])
+        total, count = answer_nll(logits, arrays["labels"][idx, :w])
         out.append(np.exp(-total / np.maximum(count, 1))[: min(n, s + batch_size) - s])
     return np.concatenate(out)
 
 
-def quick_eval(logits_fn, generate_fn, tokenizer, rows, arrays, fmt: str, ev: C.EvalConfig) -> dict[str, float]:
+def quick_eval(logits_fn, generate_fn, tokenizer, rows, arrays, fmt: str, ev: C.EvalConfig,
+               length_bucket: int = 32) -> dict[str, float]:
     """Answer probability and ROUGE-L recall of greedy answers on a set of rows."""
     from alter_jax.eval.tofu import generate_answers, rouge_recall
 
     n = ev.num_questions or len(rows)
     rows, arrays = rows[:n], {k: v[:n] for k, v in arrays.items()}
-    prob = answer_probability(logits_fn, arrays, ev.batch_size)
+    prob = answer_probability(logits_fn, arrays, ev.batch_size, length_bucket)
     if "question" not in rows[0]:  # text corpora: token probability only (MCQ / MUSE: bin/evaluate)
         return {"answer_prob": float(np.mean(prob)), "rouge_l_recall": float("nan"), "n": n, "example_answer": ""}
     _, gens = generate_answers(generate_fn, tokenizer, [r["question"] for r in rows], fmt, batch_size=ev.batch_size,
@@ -241,8 +244,9 @@ def unlearn(
     else:
         arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
     embeddings = {}
-    for s in SIDES:
-        arrays[s]["entropy"], embeddings[s] = backbone_entropy_and_embeddings(model, arrays[s], run.entropy.q)
+    for s in SIDES:  # entropy behind every token, NPO's reference log-probability, answer embeddings
+        stats = backbone_statistics(model, arrays[s], run.entropy.q, length_bucket=run.model.length_bucket)
+        arrays[s]["entropy"], arrays[s]["ref_logp"], embeddings[s] = stats["entropy"], stats["ref_logp"], stats["embedding"]
     all_ent = np.concatenate([answer_token_values(arrays[s]) for s in SIDES])
     threshold = fit_threshold(run.entropy.threshold, all_ent, value=run.entropy.value, q=run.entropy.q,
                               vocab_size=model.cfg.vocab_size)
@@ -262,7 +266,8 @@ def unlearn(
     # -- before
     eval_rows = {s: rows[s] for s in SIDES}
     lf, gf = model_eval_fns(model, get_method("ga"), run.entropy, threshold)  # plain backbone
-    before = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval) for s in SIDES}
+    before = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
+                            run.model.length_bucket) for s in SIDES}
     log(_table({"before": before}))
 
     # -- adapters
@@ -270,8 +275,8 @@ def unlearn(
         acfg = dataclasses.replace(run.adapter, num_forget_experts=n_sub if method.asymmetric else 0,
                                    use_router=method.router and method.asymmetric)
         add_adapters(model, acfg, seed=run.train.seed)
-    reference = None
-    if not method.adapter and (method.forget_loss in ("npo", "rmu") or method.retain_loss == "kl"
+    reference = None  # NPO's reference needs no copy: its log-probabilities come from the pre-pass
+    if not method.adapter and (method.forget_loss == "rmu" or method.retain_loss == "kl"
                                or run.loss.retain_loss == "kl"):
         reference = jax.tree_util.tree_map(jnp.copy, nnx.state(model, nnx.All(nnx.Param, bfilter or nnx.Param)))
     control = None
@@ -320,7 +325,7 @@ def unlearn(
     initialize_distributed()
     mesh = make_mesh(run.mesh)
     example = next(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed))
-    example = _device_batch(_pad_batch(example, run.train.batch_size))
+    example = _device_batch(bucket_batch(_pad_batch(example, run.train.batch_size), run.model.length_bucket))
     step_fn, state, frozen, _ = shard_train_step(_settings(method, run, threshold), tx, state, frozen, example, mesh)
     batch_sh = batch_shardings(example, mesh)
     bar = tqdm(total=total_steps, initial=int(state.step), desc=f"unlearn[{method.name}]", disable=not progress)
@@ -334,7 +339,7 @@ def unlearn(
         for b_idx, batch in enumerate(batches):
             if epoch == position["epoch"] and b_idx < position["batch"]:
                 continue
-            batch = _pad_batch(batch, run.train.batch_size)
+            batch = bucket_batch(_pad_batch(batch, run.train.batch_size), run.model.length_bucket)
             state, m = step_fn(state, frozen, place(_device_batch(batch), batch_sh))
             step = int(state.step)
             tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
@@ -358,7 +363,8 @@ def unlearn(
     model = _rebuild(graphdef, state.trainable, frozen_parts)
     result_dir = _export(model, method, run, out, tok, threshold, data_info)
     lf, gf = model_eval_fns(model, method, run.entropy, threshold)
-    after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval) for s in SIDES}
+    after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
+                           run.model.length_bucket) for s in SIDES}
     report = {
         "method": method.name, "model": str(folder), "steps": int(state.step), "result": str(result_dir),
         "before": before, "after": after, "data": data_info, "learning_rates": lrs,
@@ -383,7 +389,8 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
     while int(state.step) < run.train.phase1_steps:
         for batch in forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
                                            seed=run.train.seed + 7919, epoch=epoch):
-            state, m = step_fn(state, frozen, _device_batch(_pad_batch(batch, run.train.batch_size)))
+            batch = bucket_batch(_pad_batch(batch, run.train.batch_size), run.model.length_bucket)
+            state, m = step_fn(state, frozen, _device_batch(batch))
             _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **{k: float(v) for k, v in m.items()}})
             bar.update()
             if int(state.step) >= run.train.phase1_steps:

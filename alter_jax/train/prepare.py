@@ -20,40 +20,57 @@ import numpy as np
 from flax import nnx
 
 from alter_jax.clustering import assign_subdomains
-from alter_jax.data.batching import encode_rows
+from alter_jax.data.batching import bucket_width, encode_rows, row_lengths
 from alter_jax.entropy import tsallis_entropy
+from alter_jax.losses import sequence_log_prob
 
 Arrays = dict[str, np.ndarray]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "q"))
-def _entropy_and_embedding(graphdef, state, ids, mask, labels, *, q: float):
+def _backbone_statistics(graphdef, state, ids, mask, labels, *, q: float):
     model = nnx.merge(graphdef, state)
     out = model.forward(ids, mask)
-    s = tsallis_entropy(out.logits[:, :-1], q)  # entropy behind token t+1
+    lg = out.logits[:, :-1]
+    s = tsallis_entropy(lg, q)  # entropy behind token t+1
     real = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)  # every real token (prompt too: the router sees them all)
     entropy = jnp.pad(jnp.where(real, s, 0.0), ((0, 0), (1, 0)))
     answer = (labels != -100).astype(jnp.float32)[..., None]
     emb = jnp.sum(out.hidden.astype(jnp.float32) * answer, 1) / jnp.maximum(jnp.sum(answer, 1), 1.0)
-    return entropy, emb
+    targets = labels[:, 1:]
+    ref_logp = sequence_log_prob(lg, targets, (targets != -100).astype(jnp.float32))
+    return entropy, emb, ref_logp
 
 
-def backbone_entropy_and_embeddings(model, arrays: Arrays, q: float, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """``(entropy float32[N, T], answer embedding float32[N, D])`` from the frozen backbone
-    (adapters off: call this before adapters are added, or on an unadapted model)."""
+def backbone_statistics(model, arrays: Arrays, q: float, batch_size: int = 16, length_bucket: int = 32) -> Arrays:
+    """One pass of the frozen backbone over every example (adapters off: call this before adapters
+    are added, or on an unadapted model). Returns
+
+    * ``entropy float32[N, T]``: the backbone ``S_q`` behind each real token (0 at position 0 and
+      on padding), the router input and the high/low-entropy split (spec §2);
+    * ``embedding float32[N, D]``: the mean final hidden state over answer tokens (sub-domains, §3);
+    * ``ref_logp float32[N]``: ``log π_ref(y|x)``, the answer's sequence log-probability under the
+      backbone, which is the NPO reference (frozen, so computed once here, not in every step).
+
+    Each batch is cut to its length bucket (``ModelSpec.length_bucket``) before the forward.
+    """
     graphdef, state = nnx.split(model)
-    n = len(arrays["input_ids"])
-    ents, embs = [], []
+    n, t = arrays["input_ids"].shape
+    out = {"entropy": np.zeros((n, t), np.float32), "embedding": None, "ref_logp": np.zeros((n,), np.float32)}
+    embs = []
     for s in range(0, n, batch_size):
         sl = slice(s, min(n, s + batch_size))
         chunk = [arrays[k][sl] for k in ("input_ids", "attention_mask", "labels")]
         pad = batch_size - len(chunk[0])
         if pad:  # static shapes: pad the last batch, drop the rows after
             chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
-        e, m = _entropy_and_embedding(graphdef, state, *map(jnp.asarray, chunk), q=q)
-        ents.append(np.asarray(e)[: batch_size - pad])
+        width = bucket_width(int(row_lengths(chunk[1]).max(initial=1)), length_bucket, t)
+        e, m, lp = _backbone_statistics(graphdef, state, *(jnp.asarray(c[:, :width]) for c in chunk), q=q)
+        out["entropy"][sl, :width] = np.asarray(e)[: batch_size - pad]
+        out["ref_logp"][sl] = np.asarray(lp)[: batch_size - pad]
         embs.append(np.asarray(m)[: batch_size - pad])
-    return np.concatenate(ents).astype(np.float32), np.concatenate(embs).astype(np.float32)
+    out["embedding"] = np.concatenate(embs).astype(np.float32)
+    return out
 
 
 def encode(tokenizer, rows: Sequence[dict], fmt: str, max_length: int) -> Arrays:

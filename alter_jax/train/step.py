@@ -99,10 +99,37 @@ def _concat(batch: Batch, key: str) -> jax.Array:
     return jnp.concatenate([batch["forget"][key], batch["retain"][key]], axis=0)
 
 
-def forward(graphdef, trainable, frozen, ids, mask, ctx=None, *, sow_router: bool = False):
-    """Logits ``[B, T, V]`` and (if sown) the per-layer router logits ``[L][B, T, E]``."""
+def score_positions(batch: Batch) -> jax.Array:
+    """``int32[2B, A]``: the logit positions a loss scores (``data.batching.bucket_batch``), or
+    every position ``0..T-2`` when the batch carries none (then ``A = T - 1``: the full-logits
+    computation, kept for callers that build batches by hand)."""
+    if "score_pos" in batch["forget"]:
+        return _concat(batch, "score_pos")
+    ids = _concat(batch, "input_ids")
+    return jnp.broadcast_to(jnp.arange(ids.shape[1] - 1, dtype=jnp.int32), (ids.shape[0], ids.shape[1] - 1))
+
+
+def gather_next(x: jax.Array, pos: jax.Array, fill) -> jax.Array:
+    """``x[b, pos + 1]`` (the token a logit position predicts, or its entropy), ``fill`` where
+    ``pos < 0``. ``x: [B, T]``, ``pos: int[B, A] -> [B, A]``."""
+    got = jnp.take_along_axis(x, jnp.clip(pos + 1, 0, x.shape[1] - 1), axis=1)
+    return jnp.where(pos >= 0, got, jnp.asarray(fill, x.dtype))
+
+
+def scored_logits(model, hidden: jax.Array, pos: jax.Array) -> jax.Array:
+    """The LM head at the scored positions only: ``hidden [B, T, D]`` gathered at ``pos [B, A]``
+    (``-1`` reads position 0 and is masked by the targets) ``-> float32 logits [B, A, V]``,
+    aligned with :func:`gather_next` targets. ``[B, T, V]`` is never formed."""
+    h = jnp.take_along_axis(hidden, jnp.maximum(pos, 0)[..., None], axis=1)
+    return model.logits_from_hidden(h)
+
+
+def forward(graphdef, trainable, frozen, ids, mask, ctx=None, *, sow_router: bool = False, pos=None):
+    """Scored logits ``[B, A, V]`` (at ``pos``, see :func:`scored_logits`; with ``pos=None`` the
+    full ``[B, T, V]``) and (if sown) the per-layer router logits ``[L][B, T, E]``."""
     model = merge_model(graphdef, trainable, frozen)
-    logits = model(ids, mask, adapter_ctx=ctx)
+    out = model.forward(ids, mask, adapter_ctx=ctx, head=pos is None)
+    logits = out.logits if pos is None else scored_logits(model, out.hidden, pos)
     router = []
     if sow_router:
         sown = nnx.to_flat_state(nnx.pop(model, RouterLogits))  # path -> Variable holding a tuple
@@ -110,8 +137,9 @@ def forward(graphdef, trainable, frozen, ids, mask, ctx=None, *, sow_router: boo
     return logits, router
 
 
-def reference_logits(frozen: Frozen, trainable, ids, mask):
-    """Logits of the model before unlearning (adapters off), without gradient."""
+def reference_logits(frozen: Frozen, trainable, ids, mask, pos=None):
+    """Logits of the model before unlearning (adapters off), without gradient; at ``pos``
+    only (``[B, A, V]``) when given."""
     parts = dict(frozen.parts)
     if frozen.reference is not None:
         parts["backbone"] = frozen.reference
@@ -120,32 +148,37 @@ def reference_logits(frozen: Frozen, trainable, ids, mask):
     parts.update(zero_fr)
     if "backbone" in trainable:
         zero_tr = {}
-    model = merge_model(frozen.graphdef, zero_tr, parts)
-    return jax.lax.stop_gradient(model(ids, mask))
+    logits, _ = forward(frozen.graphdef, zero_tr, parts, ids, mask, pos=pos)
+    return jax.lax.stop_gradient(logits)
 
 
 # ----------------------------------------------------------------------------- token sets
 class TokenSets(NamedTuple):
-    targets: jax.Array  # [2B, T-1]
-    answer: jax.Array  # float [2B, T-1]
-    high: jax.Array  # float [2B, T-1] high-entropy answer tokens
-    low: jax.Array  # float [2B, T-1]
-    base_entropy: jax.Array  # [2B, T-1] backbone S_q behind each target
+    targets: jax.Array  # int [2B, A] the scored tokens (-100: none), aligned with the scored logits
+    answer: jax.Array  # float [2B, A]
+    high: jax.Array  # float [2B, A] high-entropy answer tokens
+    low: jax.Array  # float [2B, A]
+    base_entropy: jax.Array  # [2B, A] backbone S_q behind each target
     is_forget: jax.Array  # bool [2B]
-    real: jax.Array  # float [2B, T] attention mask (unshifted: the router sees every real token)
+    real: jax.Array  # float [2B, T] attention mask (every position: the router sees every real token)
+    pos: jax.Array  # int32 [2B, A] the scored logit positions (-1: none)
 
 
-def token_sets(labels, entropy, n_forget: int, settings: StepSettings, attention_mask=None) -> TokenSets:
-    targets = labels[:, 1:]
+def token_sets(labels, entropy, n_forget: int, settings: StepSettings, attention_mask=None, pos=None) -> TokenSets:
+    """The token sets of one batch at the scored positions ``pos`` (``[2B, A]``; ``None``: every
+    position, i.e. ``labels[:, 1:]``). ``labels, entropy: [2B, T]`` unshifted."""
+    if pos is None:
+        pos = jnp.broadcast_to(jnp.arange(labels.shape[1] - 1, dtype=jnp.int32), (labels.shape[0], labels.shape[1] - 1))
+    targets = gather_next(labels, pos, L.IGNORE_INDEX)
     answer = (targets != L.IGNORE_INDEX).astype(jnp.float32)
-    base = entropy[:, 1:].astype(jnp.float32)
+    base = gather_next(entropy.astype(jnp.float32), pos, 0.0)
     if settings.method.entropy:
         high = answer * (base > settings.threshold)
     else:  # AsymLoRA: every token is low-entropy
         high = jnp.zeros_like(answer)
     is_forget = jnp.arange(labels.shape[0]) < n_forget
     real = (labels != L.IGNORE_INDEX) if attention_mask is None else attention_mask > 0
-    return TokenSets(targets, answer, high, answer - high, base, is_forget, real.astype(jnp.float32))
+    return TokenSets(targets, answer, high, answer - high, base, is_forget, real.astype(jnp.float32), pos)
 
 
 def _rows(x, is_forget):
@@ -156,12 +189,12 @@ def _rows(x, is_forget):
 def alter_b_terms(logits, router_logits, ts: TokenSets, expert, settings: StepSettings, ref_logits=None):
     """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router)."""
     lc = settings.loss
-    lg = logits[:, :-1]
+    lg = logits  # [2B, A, V], aligned with ts.targets
     f = ts.is_forget.astype(jnp.float32)[:, None]
     forget = L.inverse_hinge_loss(lg, ts.targets, ts.low * f)
     retain_kind = lc.retain_loss or settings.method.retain_loss
     if retain_kind == "kl":
-        retain = L.kl_to_reference(lg, ref_logits[:, :-1], ts.answer * (1 - f))
+        retain = L.kl_to_reference(lg, ref_logits, ts.answer * (1 - f))
     else:
         retain = L.nll_loss(lg, ts.targets, ts.answer * (1 - f))
     route = jnp.zeros((), jnp.float32)
@@ -176,7 +209,7 @@ def alter_b_terms(logits, router_logits, ts: TokenSets, expert, settings: StepSe
 def alter_a_terms(logits, ts: TokenSets, settings: StepSettings):
     """L_A (NLL on high-entropy tokens) + λ·drift penalty (owner: shared A)."""
     lc = settings.loss
-    lg = logits[:, :-1]
+    lg = logits  # [2B, A, V], aligned with ts.targets
     la = L.nll_loss(lg, ts.targets, ts.high)
     struct_ = jnp.zeros((), jnp.float32)
     if lc.struct_penalty == "drift":
@@ -192,8 +225,8 @@ def struct_grad_penalty(a_state, trainable, frozen: "Frozen", ids, mask, expert,
 
     def mean_high_entropy(a):
         tr = {**{g: sg(s) for g, s in trainable.items() if g != "shared_a"}, "shared_a": a}
-        logits, _ = forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx)
-        return L.masked_mean(tsallis_entropy(logits[:, :-1], settings.q), ts.high)
+        logits, _ = forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, pos=ts.pos)
+        return L.masked_mean(tsallis_entropy(logits, settings.q), ts.high)
 
     return settings.loss.lambda_struct * L.structural_penalty(mean_high_entropy, a_state)
 
@@ -211,11 +244,11 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
     sow = "router" in trainable
     expert, ctx = _ctx(batch, sow)
-    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, mask)
-    ref = reference_logits(frozen, trainable, ids, mask) if (settings.loss.retain_loss == "kl") else None
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, mask, score_positions(batch))
+    ref = reference_logits(frozen, trainable, ids, mask, ts.pos) if (settings.loss.retain_loss == "kl") else None
 
     (logits, router_logits), pullback = jax.vjp(
-        lambda tr: forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, sow_router=sow), trainable
+        lambda tr: forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, sow_router=sow, pos=ts.pos), trainable
     )
     (lb, mb), (d_logits_b, d_router) = jax.value_and_grad(
         lambda lg, rl: alter_b_terms(lg, rl, ts, expert, settings, ref), argnums=(0, 1), has_aux=True
@@ -247,12 +280,12 @@ def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepS
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
     sow = "router" in trainable
     expert, ctx = _ctx(batch, sow)
-    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, mask)
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, mask, score_positions(batch))
     sg = jax.lax.stop_gradient
     tr_b = {g: (sg(s) if g == "shared_a" else s) for g, s in trainable.items()}
     tr_a = {g: (s if g == "shared_a" else sg(s)) for g, s in trainable.items()}
-    logits_b, router_b = forward(frozen.graphdef, tr_b, frozen.parts, ids, mask, ctx, sow_router=sow)
-    logits_a, _ = forward(frozen.graphdef, tr_a, frozen.parts, ids, mask, ctx, sow_router=sow)
+    logits_b, router_b = forward(frozen.graphdef, tr_b, frozen.parts, ids, mask, ctx, sow_router=sow, pos=ts.pos)
+    logits_a, _ = forward(frozen.graphdef, tr_a, frozen.parts, ids, mask, ctx, sow_router=sow, pos=ts.pos)
     _, mb = alter_b_terms(logits_b, router_b, ts, expert, settings)
     _, ma = alter_a_terms(logits_a, ts, settings)
     lc = settings.loss
@@ -273,21 +306,28 @@ def generic_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings
     spec, lc = settings.method, settings.loss
     n_forget = batch["forget"]["input_ids"].shape[0]
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
-    logits, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask)
-    lg, tg, m = L.shift_logits_labels(logits, labels)
+    pos = score_positions(batch)
+    lg, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, pos=pos)  # [2B, A, V]
+    tg = gather_next(labels, pos, L.IGNORE_INDEX)
+    m = (tg != L.IGNORE_INDEX).astype(jnp.float32)
     f = (jnp.arange(ids.shape[0]) < n_forget).astype(jnp.float32)[:, None]
     mf, mr = m * f, m * (1 - f)
-    needs_ref = spec.forget_loss == "npo" or spec.retain_loss == "kl" or lc.retain_loss == "kl"
-    ref = reference_logits(frozen, trainable, ids, mask)[:, :-1] if needs_ref else None
+    retain_kind = lc.retain_loss or spec.retain_loss
+    # NPO's reference is a per-example sequence log-probability: the pre-pass gives it once
+    # (batch["ref_logp"]); only KL needs reference logits, and only at the scored positions
+    npo_ref = _concat(batch, "ref_logp") if "ref_logp" in batch["forget"] else None
+    needs_ref = (spec.forget_loss == "npo" and npo_ref is None) or retain_kind == "kl"
+    ref = reference_logits(frozen, trainable, ids, mask, pos) if needs_ref else None
     if spec.forget_loss == "ga":
         forget = L.gradient_ascent_loss(lg, tg, mf)
+    elif spec.forget_loss == "npo" and npo_ref is not None:
+        forget = L.npo_loss_from_ref(lg, npo_ref, tg, mf, beta=lc.npo_beta)
     elif spec.forget_loss == "npo":
         forget = L.npo_loss(lg, ref, tg, mf, beta=lc.npo_beta)
     elif spec.forget_loss == "simnpo":
         forget = L.simnpo_loss(lg, tg, mf, beta=lc.simnpo_beta, gamma=lc.simnpo_gamma)
     else:
         raise ValueError(f"method {spec.name}: unknown forget loss {spec.forget_loss}")
-    retain_kind = lc.retain_loss or spec.retain_loss
     retain = jnp.zeros((), jnp.float32)
     if retain_kind == "nll":
         retain = L.nll_loss(lg, tg, mr)
@@ -332,9 +372,9 @@ def phase1_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
     NLL on the high-entropy answer tokens of forget ∪ retain (spec §4)."""
     n_forget = batch["forget"]["input_ids"].shape[0]
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
-    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings)
-    logits, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, None)
-    loss = L.nll_loss(logits[:, :-1], ts.targets, ts.high)
+    ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, pos=score_positions(batch))
+    logits, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, None, pos=ts.pos)
+    loss = L.nll_loss(logits, ts.targets, ts.high)
     return loss, {"loss": loss, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
 
 
