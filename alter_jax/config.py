@@ -30,6 +30,9 @@ class ModelSpec:
     # each batch (training, entropy pre-pass, evaluation) is padded to the next multiple of this that
     # holds its longest row, not to max_length: a few static widths, one compile each (0 = max_length)
     length_bucket: int = 32
+    # the LM head runs only at scored positions; > 0 evaluates it in blocks of this many positions per
+    # row under jax.checkpoint (recomputed in the backward pass): at most [B, head_chunk, V] logits live
+    head_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

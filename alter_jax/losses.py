@@ -12,6 +12,12 @@ Conventions (WORKSPACE.md):
 * Token means are ``Σ_t m_t ℓ_t / max(Σ_t m_t, 1)``: an empty mask gives a loss of exactly
   0 with a zero gradient (never NaN).
 * Per-example vectors (``[B]``) plus reducers keep the baselines composable.
+* Two levels: per-token functions of the logits (``token_log_likelihood``,
+  ``inverse_hinge_per_token``, ``kl_per_token``, the Tsallis entropy) and losses of those
+  per-token values (``*_from_log_likelihood``, :func:`masked_mean`). Each logits-level loss is
+  the composition of the two, so the trainer, which evaluates the LM head in chunks of scored
+  positions and keeps only ``[B, A]`` token statistics (``train.step.token_statistics``),
+  computes the same formula.
 
 References for the baselines:
 
@@ -62,7 +68,11 @@ __all__ = [
     "npo_per_example",
     "npo_loss",
     "npo_from_log_ratio",
-    "npo_loss_from_ref",
+    "npo_loss_from_log_likelihood",
+    "nll_from_log_likelihood",
+    "per_example_nll_from_log_likelihood",
+    "simnpo_from_mean_nll",
+    "simnpo_loss_from_log_likelihood",
     "simnpo_per_example",
     "simnpo_loss",
     "rmu_activation_loss",
@@ -140,7 +150,12 @@ def nll_loss(
     Equals HF's ``model(..., labels=labels).loss`` when ``mask`` is the shifted label mask.
     """
     _check_aligned(logits, targets, mask)
-    return masked_mean(token_nll(logits, targets), mask)
+    return nll_from_log_likelihood(token_log_likelihood(logits, targets), mask)
+
+
+def nll_from_log_likelihood(logp: Float[Array, "b t"], mask: Float[Array, "b t"]) -> Float[Array, ""]:
+    """:func:`nll_loss` from the per-token ``log p(x_t)`` (:func:`token_log_likelihood`)."""
+    return masked_mean(-logp, mask)
 
 
 class PerExampleNLL(NamedTuple):
@@ -160,8 +175,14 @@ def per_example_nll(
 ) -> PerExampleNLL:
     """Sum and mean NLL per example over its masked tokens (see :class:`PerExampleNLL`)."""
     _check_aligned(logits, targets, mask)
+    return per_example_nll_from_log_likelihood(token_log_likelihood(logits, targets), mask)
+
+
+def per_example_nll_from_log_likelihood(logp: Float[Array, "b t"], mask: Float[Array, "b t"]) -> PerExampleNLL:
+    """:func:`per_example_nll` from the per-token ``log p(x_t)``."""
+    chex.assert_equal_shape([logp, mask])
     mask = mask.astype(jnp.float32)
-    nll = jnp.where(mask > 0, token_nll(logits, targets) * mask, 0.0)
+    nll = jnp.where(mask > 0, -logp * mask, 0.0)
     total = jnp.sum(nll, axis=-1)
     count = jnp.sum(mask, axis=-1)
     return PerExampleNLL(sum=total, mean=total / jnp.maximum(count, 1.0), count=count)
@@ -357,19 +378,19 @@ def npo_loss(
     return example_mean(per, jnp.sum(mask, axis=-1))
 
 
-def npo_loss_from_ref(
-    logits: Float[Array, "b t v"],
+def npo_loss_from_log_likelihood(
+    logp: Float[Array, "b t"],
     ref_log_prob: Float[Array, " b"],
-    targets: Int[Array, "b t"],
     mask: Float[Array, "b t"],
     beta: float = 0.1,
 ) -> Float[Array, ""]:
-    """:func:`npo_loss` with the reference given as its sequence log-probabilities
-    ``log π_ref(y_i|x_i)`` ``[B]`` (summed over the same answer tokens, computed once before
-    training since the reference is frozen), so no reference forward runs in the step."""
-    _check_aligned(logits, targets, mask)
-    chex.assert_shape(ref_log_prob, (logits.shape[0],))
-    log_ratio = sequence_log_prob(logits, targets, mask) - jax.lax.stop_gradient(ref_log_prob).astype(jnp.float32)
+    """:func:`npo_loss` from the per-token ``log p_θ(x_t)`` and the reference's sequence
+    log-probabilities ``log π_ref(y_i|x_i)`` ``[B]`` (summed over the same answer tokens; the
+    trainer computes them once before training, the reference being frozen, so no reference
+    forward runs in the step)."""
+    chex.assert_shape(ref_log_prob, (logp.shape[0],))
+    seq = -per_example_nll_from_log_likelihood(logp, mask).sum
+    log_ratio = seq - jax.lax.stop_gradient(ref_log_prob).astype(jnp.float32)
     return example_mean(npo_from_log_ratio(log_ratio, beta), jnp.sum(mask, axis=-1))
 
 
@@ -387,9 +408,13 @@ def simnpo_per_example(
     ``β·(NLL/|y| − δ)``, i.e. ``γ = β·δ``. Shape ``[B]``.
     """
     _check_aligned(logits, targets, mask)
-    stats = per_example_nll(logits, targets, mask)
+    return simnpo_from_mean_nll(per_example_nll(logits, targets, mask).mean, beta, gamma)
+
+
+def simnpo_from_mean_nll(mean_nll: Float[Array, " b"], beta: float, gamma: float = 0.0) -> Float[Array, " b"]:
+    """SimNPO per example from its length-normalised NLL ``−log π_θ(y_i|x_i) / |y_i|``."""
     # −(β/|y|) log π = β · mean NLL.
-    return -(2.0 / beta) * jax.nn.log_sigmoid(beta * stats.mean - gamma)
+    return -(2.0 / beta) * jax.nn.log_sigmoid(beta * mean_nll - gamma)
 
 
 def simnpo_loss(
@@ -400,8 +425,16 @@ def simnpo_loss(
     gamma: float = 0.0,
 ) -> Float[Array, ""]:
     """``L_SimNPO = E_i[ℓ_i]`` of :func:`simnpo_per_example`, over examples with answer tokens."""
-    per = simnpo_per_example(logits, targets, mask, beta, gamma)
-    return example_mean(per, jnp.sum(mask, axis=-1))
+    _check_aligned(logits, targets, mask)
+    return simnpo_loss_from_log_likelihood(token_log_likelihood(logits, targets), mask, beta, gamma)
+
+
+def simnpo_loss_from_log_likelihood(
+    logp: Float[Array, "b t"], mask: Float[Array, "b t"], beta: float = 2.5, gamma: float = 0.0
+) -> Float[Array, ""]:
+    """:func:`simnpo_loss` from the per-token ``log p_θ(x_t)``."""
+    stats = per_example_nll_from_log_likelihood(logp, mask)
+    return example_mean(simnpo_from_mean_nll(stats.mean, beta, gamma), stats.count)
 
 
 # --------------------------------------------------------------------------- RMU

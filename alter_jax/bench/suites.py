@@ -111,35 +111,51 @@ def step_batch(spec: BenchSpec, vocab: int) -> dict:
     return sides
 
 
-def jax_step_fn(backbone, spec: BenchSpec, method: str, struct_penalty: str, batch: dict) -> Callable[[], object]:
-    """A closure running one jitted train step of ``method`` (state carried between calls)."""
+def jax_stepper(backbone, spec: BenchSpec, method: str, struct_penalty: str, *, threshold: float = 1.2,
+                retain_loss: str = "") -> Callable[[dict], object]:
+    """``run(batch)``: one jitted train step of ``method`` on a copy of ``backbone`` with fresh
+    adapters (state carried between calls), jitted with explicit shardings on a one-device mesh
+    as the run loop does; ``batch`` is a forget/retain batch of numpy arrays."""
     from alter_jax.adapters.inject import add_adapters
     from alter_jax.adapters.lora import AdapterConfig
-    from alter_jax.config import LossConfig, OptimConfig
+    from alter_jax.config import LossConfig, MeshConfig, OptimConfig
+    from alter_jax.sharding import make_mesh, place, shard_train_step
     from alter_jax.train.methods import get_method
     from alter_jax.train.optim import group_learning_rates, make_optimizer
-    from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model
+    from alter_jax.train.step import Frozen, StepSettings, init_state, split_model
 
     m = get_method(method)
     model = nnx.clone(backbone)
-    add_adapters(model, AdapterConfig(rank=spec.rank, alpha=spec.alpha,
-                                      num_forget_experts=spec.forget_experts if m.asymmetric else 0,
-                                      use_router=m.router and m.asymmetric), seed=spec.seed)
+    if m.adapter:
+        add_adapters(model, AdapterConfig(rank=spec.rank, alpha=spec.alpha,
+                                          num_forget_experts=spec.forget_experts if m.asymmetric else 0,
+                                          use_router=m.router and m.asymmetric), seed=spec.seed)
     graphdef, trainable, parts = split_model(model, m.trainable)
     frozen = Frozen(graphdef=graphdef, parts=parts)
     optim = OptimConfig()
     tx = make_optimizer(group_learning_rates(m, optim), optim)
-    settings = StepSettings(method=m, loss=LossConfig(struct_penalty=struct_penalty), q=1.0, threshold=1.2)
-    step = jit_train_step(settings, tx)
-    box = [init_state(trainable, tx)]
-    jbatch = jax.tree_util.tree_map(jnp.asarray, batch)
+    settings = StepSettings(method=m, loss=LossConfig(struct_penalty=struct_penalty, retain_loss=retain_loss), q=1.0,
+                            threshold=threshold)
+    box: dict = {}
 
-    def run():
-        state, metrics = step(box[0], frozen, jbatch)
+    def run(batch):
+        jbatch = jax.tree_util.tree_map(jnp.asarray, batch)
+        if not box:  # jit and place on the first batch (its structure; later shapes retrace per bucket)
+            step, state, fr, _ = shard_train_step(settings, tx, init_state(trainable, tx), frozen, jbatch,
+                                                  make_mesh(MeshConfig()))
+            box.update(step=step, state=state, frozen=fr)
+        state, metrics = box["step"](box["state"], box["frozen"], jbatch)
         jax.block_until_ready((state, metrics))
-        box[0] = state
+        box["state"] = state
+        return metrics
 
     return run
+
+
+def jax_step_fn(backbone, spec: BenchSpec, method: str, struct_penalty: str, batch: dict) -> Callable[[], object]:
+    """A closure running one jitted train step of ``method`` on the fixed ``batch``."""
+    run = jax_stepper(backbone, spec, method, struct_penalty)
+    return lambda: run(batch)
 
 
 def peft_lora_step_fn(base, spec: BenchSpec, batch: dict) -> Callable[[], object]:

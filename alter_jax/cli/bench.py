@@ -13,6 +13,15 @@ call's time, compile included, is reported as "first s"):
   Goals: (a) JAX ALTER <= 0.7 x PyTorch LoRA time; (b) JAX ALTER <= 1.15 x JAX LoRA time.
 * ``generate`` — entropy-gated generation vs merged-weights generation, tokens/s;
   goal (c) gated >= 0.9 x merged.
+* ``epoch``    — one unlearning epoch on the SmolLM2 study's forget/retain rows
+  (``alter_jax.bench.epoch``): ours LoRA-GD and ALTER (batches as ``bin/unlearn`` makes them:
+  length buckets, scored-token head) vs transformers + PEFT LoRA-GD padded to each batch's
+  longest, interleaved; plus the first ALTER step in a fresh process, cold and warm
+  persistent compilation cache. Goals: ours / PyTorch <= 0.7, ALTER / ours LoRA-GD <= 1.25,
+  first step cold <= 15 s, warm <= 3 s. Needs ``--tofu-dir``. Not part of ``all``.
+
+    bin/bench --what epoch --model smollm2 --json epoch.json
+
 * ``mfu``      — (d) for accelerators: JAX ALTER and LoRA steps and the PyTorch + PEFT LoRA
   step on a random-weight model of shape ``--shape`` (llama-1b, llama2-7b) in ``--dtype``
   (bfloat16), built on the device; tokens/s, TFLOP/s and model FLOP utilisation
@@ -39,8 +48,10 @@ from pathlib import Path
 
 from alter_jax.cli.common import CliError
 
-WHAT = ("forward", "step", "generate", "mfu")
-ALL = ("forward", "step", "generate")  # "all": the CPU-sized parts; mfu is asked for by name
+WHAT = ("forward", "step", "generate", "epoch", "mfu")
+ALL = ("forward", "step", "generate")
+#: ``--what epoch`` figures written at the top level of ``--json``.
+EPOCH_KEYS = ("ours_lora_over_torch_time", "alter_over_ours_lora_time", "first_step_s", "first_step_warm_s", "tokens_per_s")  # "all": the CPU-sized parts; mfu is asked for by name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="mfu: compute and weight dtype (default: %(default)s)")
     p.add_argument("--remat", action="store_true", help="mfu: rematerialise each layer (jax.checkpoint; gradient checkpointing in PyTorch)")
     p.add_argument("--peak-tflops", type=float, default=None, help="mfu: the device's peak dense TFLOP/s, if not in the built-in table")
+    p.add_argument("--tofu-dir", default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tofu"),
+                   help="epoch: the TOFU folder the SmolLM2 study reads (default: %(default)s)")
+    p.add_argument("--length-bucket", type=int, default=32, help="epoch: our trainer's model.length_bucket (default: %(default)s)")
+    p.add_argument("--no-first-step", action="store_true", help="epoch: skip the cold/warm first-step subprocesses")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
     return p
 
@@ -109,7 +124,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(what: list[str], spec, *, with_torch: bool = True, mfu=None, log=print) -> dict:
+def run_bench(what: list[str], spec, *, with_torch: bool = True, mfu=None, epoch: dict | None = None, log=print) -> dict:
     from alter_jax.bench.mfu import MfuSpec, bench_mfu
     from alter_jax.bench.suites import SUITES
 
@@ -118,6 +133,10 @@ def run_bench(what: list[str], spec, *, with_torch: bool = True, mfu=None, log=p
         log(f"[bench] {w} ...")
         if w == "mfu":
             r, q, e = bench_mfu(spec, mfu or MfuSpec(), with_torch=with_torch)
+        elif w == "epoch":
+            from alter_jax.bench.epoch import bench_epoch
+
+            r, q, e = bench_epoch(spec, with_torch=with_torch, **(epoch or {}))
         else:
             kw = {"with_torch": with_torch} if w == "step" else {}
             r, q, e = SUITES[w](spec, **kw)
@@ -178,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = BenchSpec(folder=None if folder is None else Path(folder), batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                      rank=args.rank, forget_experts=args.experts, new_tokens=args.new_tokens)
     mfu = MfuSpec(shape=args.shape, dtype=args.dtype, remat=args.remat, peak_tflops=args.peak_tflops)
-    result = run_bench(what, spec, with_torch=not args.no_torch, mfu=mfu, log=lambda s: print(s, file=sys.stderr))
+    epoch = {"tofu_dir": args.tofu_dir, "length_bucket": args.length_bucket, "first_step": not args.no_first_step}
+    result = run_bench(what, spec, with_torch=not args.no_torch, mfu=mfu, epoch=epoch,
+                       log=lambda s: print(s, file=sys.stderr))
     result["environment"] = environment()
     result["settings"] = {"model": args.model if folder is not None else args.shape, "folder": str(folder), "params_m": cfg.num_params() / 1e6,
                           "import_order": order, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
@@ -187,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
+        flat = {k: result["extra"][k] for k in EPOCH_KEYS if k in result["extra"]}  # the epoch figures at top level
+        out.write_text(json.dumps({**flat, **result}, indent=2, default=str))
     return 0
 
 

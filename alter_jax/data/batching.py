@@ -104,6 +104,16 @@ def forget_retain_batches(
         yield {"forget": take(forget, idx), "retain": take(retain, partner[idx])}
 
 
+def fill_batch(batch: Mapping[str, Mapping[str, np.ndarray]], batch_size: int) -> dict[str, Batch]:
+    """Static batch shapes: a short (last) forget/retain batch repeats its rows up to
+    ``batch_size`` (their loss counts twice; one batch per epoch at most)."""
+    n = len(next(iter(batch.values()))["input_ids"])
+    if n == batch_size:
+        return {s: dict(v) for s, v in batch.items()}
+    idx = np.resize(np.arange(n), batch_size)
+    return {s: {k: v[idx] for k, v in batch[s].items()} for s in batch}
+
+
 def length_sorted_batches(
     sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, pad_multiple: int = 32, left: bool = False
 ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:

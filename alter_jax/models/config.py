@@ -50,6 +50,10 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # Run the decoder layers (no KV cache) as one jax.lax.scan over their parameters stacked at trace
+    # time: one layer body is compiled instead of num_layers copies (compile time no longer grows with
+    # depth), at the cost of one copy of the layer weights per call (see models/llama.py).
+    scan_layers: bool = False
     # jax.nn.dot_product_attention implementation: "xla" (any backend, any mask) or "cudnn"
     # (NVIDIA fused attention; bfloat16/float16 on GPU). None lets JAX choose.
     attention_impl: str | None = "xla"

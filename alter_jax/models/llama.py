@@ -209,6 +209,33 @@ def _remat_layer(layer, x, positions, inv_freq, mask, index, adapter_ctx):
     return y, kv
 
 
+def _scan_layers(layers, x, positions, inv_freq, mask, adapter_ctx, remat: bool):
+    """The decoder layers as one ``jax.lax.scan`` (``ModelConfig.scan_layers``, no KV cache).
+
+    Each layer is split into its graph and state; the states are stacked on a new leading
+    layer axis at trace time and the scan body merges one slice with the (shared) graph, so XLA
+    compiles one layer body, not ``len(layers)``. Gradients reach each layer's own parameters
+    through the stack. Intermediates sown in the body (router logits) come back stacked and are
+    put back into each layer. Returns ``None`` when the layers differ in structure (then the
+    caller runs its Python loop).
+    """
+    splits = [nnx.split(layer) for layer in layers]
+    graphdef = splits[0][0]
+    if any(gd != graphdef for gd, _ in splits[1:]):
+        return None
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(st for _, st in splits))
+
+    def body(x, state):
+        lyr = nnx.merge(graphdef, state)
+        y, _ = lyr(x, positions, inv_freq, mask, None, 0, adapter_ctx)
+        return y, nnx.state(lyr, nnx.Intermediate)
+
+    x, sown = jax.lax.scan(jax.checkpoint(body) if remat else body, x, stacked)
+    for i, layer in enumerate(layers):
+        nnx.update(layer, jax.tree_util.tree_map(lambda v: v[i], sown))
+    return x
+
+
 class ModelOutput(NamedTuple):
     logits: jax.Array  # float32[B, T, V]
     hidden: jax.Array  # [B, T, D] final (normed) hidden state
@@ -275,9 +302,11 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype))
         inv_freq = jnp.asarray(rope_inv_freq(cfg))  # a compile-time constant
         new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            if upto_layer is not None and i > upto_layer:
-                break
+        layers = list(self.layers) if upto_layer is None else list(self.layers)[: upto_layer + 1]
+        scanned = None
+        if cfg.scan_layers and cache is None:
+            scanned = _scan_layers(layers, x, positions, inv_freq, mask, adapter_ctx, cfg.remat)
+        for i, layer in enumerate([] if scanned is not None else layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if cfg.remat and cache is None:
                 x, kv = _remat_layer(layer, x, positions, inv_freq, mask, index, adapter_ctx)
@@ -285,6 +314,8 @@ class Transformer(nnx.Module):
                 x, kv = layer(x, positions, inv_freq, mask, kv, index, adapter_ctx)
             new_k.append(kv[0])
             new_v.append(kv[1])
+        if scanned is not None:
+            x = scanned
         if upto_layer is not None:
             return ModelOutput(logits=None, hidden=x, cache=None)
         h = self.norm(x)

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from alter_jax import config as C
 from alter_jax.adapters.inject import add_adapters, count_params
-from alter_jax.data.batching import batch_indices, bucket_batch, bucket_width, forget_retain_batches, row_lengths
+from alter_jax.data.batching import (batch_indices, bucket_batch, bucket_width, fill_batch, forget_retain_batches,
+                                     row_lengths)
 from alter_jax.entropy import fit_threshold
 from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
 from alter_jax.train.methods import MethodSpec, backbone_filter, get_method
@@ -202,7 +203,8 @@ def _config_hash(run: C.RunConfig) -> str:
 
 
 def _settings(method, run, threshold, phase="main") -> StepSettings:
-    return StepSettings(method=method, loss=run.loss, q=run.entropy.q, threshold=float(threshold), phase=phase)
+    return StepSettings(method=method, loss=run.loss, q=run.entropy.q, threshold=float(threshold), phase=phase,
+                        head_chunk=run.model.head_chunk)
 
 
 def _device_batch(batch: dict) -> dict:
@@ -221,6 +223,9 @@ def unlearn(
     ``interrupt_after_step`` simulates a crash right after that step's checkpoint (tests).
     """
     t_start = time.perf_counter()
+    from alter_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # a rerun or resume loads the compiled steps instead of compiling them
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     snapshot = {"config": C.to_dict(run), "hash": _config_hash(run)}
@@ -325,7 +330,7 @@ def unlearn(
     initialize_distributed()
     mesh = make_mesh(run.mesh)
     example = next(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed))
-    example = _device_batch(bucket_batch(_pad_batch(example, run.train.batch_size), run.model.length_bucket))
+    example = _device_batch(bucket_batch(fill_batch(example, run.train.batch_size), run.model.length_bucket))
     step_fn, state, frozen, _ = shard_train_step(_settings(method, run, threshold), tx, state, frozen, example, mesh)
     batch_sh = batch_shardings(example, mesh)
     bar = tqdm(total=total_steps, initial=int(state.step), desc=f"unlearn[{method.name}]", disable=not progress)
@@ -339,7 +344,7 @@ def unlearn(
         for b_idx, batch in enumerate(batches):
             if epoch == position["epoch"] and b_idx < position["batch"]:
                 continue
-            batch = bucket_batch(_pad_batch(batch, run.train.batch_size), run.model.length_bucket)
+            batch = bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
             state, m = step_fn(state, frozen, place(_device_batch(batch), batch_sh))
             step = int(state.step)
             tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
@@ -389,7 +394,7 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
     while int(state.step) < run.train.phase1_steps:
         for batch in forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
                                            seed=run.train.seed + 7919, epoch=epoch):
-            batch = bucket_batch(_pad_batch(batch, run.train.batch_size), run.model.length_bucket)
+            batch = bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
             state, m = step_fn(state, frozen, _device_batch(batch))
             _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **{k: float(v) for k, v in m.items()}})
             bar.update()
@@ -429,15 +434,6 @@ def _export(model, method, run, out: Path, tok, threshold, data_info) -> Path:
     from alter_jax.io.hf import save_pretrained
 
     return save_pretrained(model, out / "model", tokenizer=tok)
-
-
-def _pad_batch(batch: dict, batch_size: int) -> dict:
-    """Static batch shapes: repeat rows of a short last batch (their loss counts twice; rare)."""
-    n = len(batch["forget"]["input_ids"])
-    if n == batch_size:
-        return batch
-    idx = np.resize(np.arange(n), batch_size)
-    return {s: {k: v[idx] for k, v in batch[s].items()} for s in batch}
 
 
 def _append_jsonl(path: Path, row: dict) -> None:

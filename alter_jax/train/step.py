@@ -14,10 +14,18 @@ does not train) and ``reference`` (the backbone as it was before unlearning, for
 Hard routing sends forget rows through ``B_f^d`` and retain rows through ``B_r``, so the
 experts are isolated by construction (a gather's gradient is exactly zero elsewhere). A
 and B are isolated with one forward and two cotangents: ``jax.vjp`` of the forward, pulled
-back once with ``∂(B-terms)/∂logits`` (keeping the B groups and router) and once with
-``∂(A-terms)/∂logits`` (keeping ``shared_a``). This equals the gradient of the
+back once with ``∂(B-terms)/∂stats`` (keeping the B groups and router) and once with
+``∂(A-terms)/∂stats`` (keeping ``shared_a``). This equals the gradient of the
 ``stop_gradient`` formulation (:func:`alter_isolated_loss`, used by the tests), but never
 runs a second forward pass.
+
+**Scored-token head.** No loss reads the logits of prompt or padding positions, so the LM
+head runs only at the scored positions of each row (``batch[...]["score_pos"]``, made by
+``data.batching.bucket_batch``), and the forward returns per-token statistics ``[B, A]``
+(``stats``: log p of the target, IHL, Tsallis entropy, KL to the reference) rather than
+logits (:func:`token_statistics`); every loss is a function of those
+(``losses.*_from_log_likelihood``). With ``StepSettings.head_chunk`` the head is evaluated in
+blocks under ``jax.checkpoint``, bounding the live logits at ``[B, chunk, V]``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class StepSettings:
     q: float = 1.0
     threshold: float = 1.2  # θ, already fitted to the data set
     phase: str = "main"  # main | phase1
+    head_chunk: int = 0  # scored positions per LM-head block (Scoring.chunk; 0 = all at once)
 
 
 @struct.dataclass
@@ -116,30 +125,84 @@ def gather_next(x: jax.Array, pos: jax.Array, fill) -> jax.Array:
     return jnp.where(pos >= 0, got, jnp.asarray(fill, x.dtype))
 
 
-def scored_logits(model, hidden: jax.Array, pos: jax.Array) -> jax.Array:
-    """The LM head at the scored positions only: ``hidden [B, T, D]`` gathered at ``pos [B, A]``
-    (``-1`` reads position 0 and is masked by the targets) ``-> float32 logits [B, A, V]``,
-    aligned with :func:`gather_next` targets. ``[B, T, V]`` is never formed."""
-    h = jnp.take_along_axis(hidden, jnp.maximum(pos, 0)[..., None], axis=1)
-    return model.logits_from_hidden(h)
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """Which per-token statistics of the LM head a step needs (static).
+
+    ``want`` ⊆ {``logp`` (log p of the target), ``ihl`` (inverse hinge), ``entropy`` (Tsallis
+    ``S_q`` of the adapted distribution), ``kl`` (``KL(p_ref ‖ p_θ)``)}; ``chunk > 0`` evaluates
+    the head over blocks of that many scored positions per row under ``jax.checkpoint`` (the
+    backward pass recomputes each block's logits), so at most ``[B, chunk, V]`` logits are
+    alive at once whatever the data; ``0`` evaluates all scored positions at once.
+    """
+
+    want: tuple[str, ...]
+    q: float = 1.0
+    chunk: int = 0
 
 
-def forward(graphdef, trainable, frozen, ids, mask, ctx=None, *, sow_router: bool = False, pos=None):
-    """Scored logits ``[B, A, V]`` (at ``pos``, see :func:`scored_logits`; with ``pos=None`` the
-    full ``[B, T, V]``) and (if sown) the per-layer router logits ``[L][B, T, E]``."""
+def gather_hidden(hidden: jax.Array, pos: jax.Array) -> jax.Array:
+    """``hidden [B, T, D]`` at the scored positions ``pos [B, A]`` (``-1`` reads position 0 and is
+    masked by the targets) ``-> [B, A, D]``."""
+    return jnp.take_along_axis(hidden, jnp.maximum(pos, 0)[..., None], axis=1)
+
+
+def token_statistics(head, h, targets, scoring: Scoring, ref=None) -> dict[str, jax.Array]:
+    """Per-token statistics ``{name: float32[B, A]}`` of the LM head at the gathered hidden
+    states ``h [B, A, D]`` with targets ``int[B, A]`` (:class:`Scoring`; the losses are functions
+    of these, ``losses.*_from_log_likelihood``). ``head``: ``[..., D] -> logits [..., V]``;
+    ``ref = (ref_head, ref_h)`` gives the reference distribution for ``kl``. ``[B, T, V]`` is
+    never formed; with ``scoring.chunk`` not even ``[B, A, V]``."""
+
+    def stats(h, tg, rh):
+        lg = head(h)
+        out = {}
+        if "logp" in scoring.want:
+            out["logp"] = L.token_log_likelihood(lg, tg)
+        if "ihl" in scoring.want:
+            out["ihl"] = L.inverse_hinge_per_token(lg, tg)
+        if "entropy" in scoring.want:
+            out["entropy"] = tsallis_entropy(lg, scoring.q)
+        if "kl" in scoring.want:
+            out["kl"] = L.kl_per_token(lg, ref[0](rh))
+        return out
+
+    ref_h = None if ref is None else ref[1]
+    b, a = targets.shape
+    c = scoring.chunk
+    if c <= 0 or c >= a:
+        return stats(h, targets, ref_h)
+    n = -(-a // c)
+
+    def blocks(x):  # [B, A, ...] -> [n, B, c, ...] (padded with masked positions)
+        x = jnp.pad(x, [(0, 0), (0, n * c - a)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+    out = jax.lax.map(lambda xs: jax.checkpoint(stats)(*xs), (blocks(h), blocks(targets), None if ref_h is None else blocks(ref_h)))
+    return {k: jnp.moveaxis(v, 0, 1).reshape(b, n * c)[:, :a] for k, v in out.items()}
+
+
+def forward(graphdef, trainable, frozen, ids, mask, ctx=None, *, sow_router: bool = False, ts=None,
+            scoring: Scoring | None = None, ref=None):
+    """``(out, router)``. With ``ts`` (:class:`TokenSets`) and ``scoring``: ``out`` is the
+    per-token statistics at the scored positions (:func:`token_statistics`); without, the full
+    logits ``[B, T, V]``. ``router``: the per-layer router logits ``[L][B, T, E]`` if sown."""
     model = merge_model(graphdef, trainable, frozen)
-    out = model.forward(ids, mask, adapter_ctx=ctx, head=pos is None)
-    logits = out.logits if pos is None else scored_logits(model, out.hidden, pos)
+    out = model.forward(ids, mask, adapter_ctx=ctx, head=ts is None)
+    if ts is not None:
+        out = token_statistics(model.logits_from_hidden, gather_hidden(out.hidden, ts.pos), ts.targets, scoring, ref)
+    else:
+        out = out.logits
     router = []
     if sow_router:
         sown = nnx.to_flat_state(nnx.pop(model, RouterLogits))  # path -> Variable holding a tuple
         router = [v.get_value()[0] for _, v in sorted(sown, key=lambda kv: str(kv[0]))]
-    return logits, router
+    return out, router
 
 
-def reference_logits(frozen: Frozen, trainable, ids, mask, pos=None):
-    """Logits of the model before unlearning (adapters off), without gradient; at ``pos``
-    only (``[B, A, V]``) when given."""
+def reference_head(frozen: Frozen, trainable, ids, mask, pos):
+    """The model before unlearning (adapters off), without gradient: ``(head, hidden [B, A, D])``
+    at the scored positions ``pos``, the ``ref`` of :func:`token_statistics`."""
     parts = dict(frozen.parts)
     if frozen.reference is not None:
         parts["backbone"] = frozen.reference
@@ -148,8 +211,9 @@ def reference_logits(frozen: Frozen, trainable, ids, mask, pos=None):
     parts.update(zero_fr)
     if "backbone" in trainable:
         zero_tr = {}
-    logits, _ = forward(frozen.graphdef, zero_tr, parts, ids, mask, pos=pos)
-    return jax.lax.stop_gradient(logits)
+    model = merge_model(frozen.graphdef, jax.lax.stop_gradient(zero_tr), jax.lax.stop_gradient(parts))
+    hidden = jax.lax.stop_gradient(model.forward(ids, mask, head=False).hidden)
+    return (lambda h: jax.lax.stop_gradient(model.logits_from_hidden(h))), gather_hidden(hidden, pos)
 
 
 # ----------------------------------------------------------------------------- token sets
@@ -166,12 +230,13 @@ class TokenSets(NamedTuple):
 
 def token_sets(labels, entropy, n_forget: int, settings: StepSettings, attention_mask=None, pos=None) -> TokenSets:
     """The token sets of one batch at the scored positions ``pos`` (``[2B, A]``; ``None``: every
-    position, i.e. ``labels[:, 1:]``). ``labels, entropy: [2B, T]`` unshifted."""
+    position, i.e. ``labels[:, 1:]``). ``labels, entropy: [2B, T]`` unshifted (``entropy=None``:
+    methods without an entropy split)."""
     if pos is None:
         pos = jnp.broadcast_to(jnp.arange(labels.shape[1] - 1, dtype=jnp.int32), (labels.shape[0], labels.shape[1] - 1))
     targets = gather_next(labels, pos, L.IGNORE_INDEX)
     answer = (targets != L.IGNORE_INDEX).astype(jnp.float32)
-    base = gather_next(entropy.astype(jnp.float32), pos, 0.0)
+    base = jnp.zeros_like(answer) if entropy is None else gather_next(entropy.astype(jnp.float32), pos, 0.0)
     if settings.method.entropy:
         high = answer * (base > settings.threshold)
     else:  # AsymLoRA: every token is low-entropy
@@ -186,17 +251,28 @@ def _rows(x, is_forget):
 
 
 # ----------------------------------------------------------------------------- ALTER terms
-def alter_b_terms(logits, router_logits, ts: TokenSets, expert, settings: StepSettings, ref_logits=None):
-    """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router)."""
+def alter_scoring(settings: StepSettings) -> Scoring:
+    """The token statistics ALTER's terms read (IHL, log p, and the drift entropy / KL if used)."""
     lc = settings.loss
-    lg = logits  # [2B, A, V], aligned with ts.targets
+    want = ("logp", "ihl") + (("entropy",) if lc.struct_penalty == "drift" else ()) + \
+        (("kl",) if (lc.retain_loss or settings.method.retain_loss) == "kl" else ())
+    return Scoring(want=want, q=settings.q, chunk=settings.head_chunk)
+
+
+def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSettings):
+    """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router).
+
+    ``stats``: the per-token statistics at the scored positions (:func:`token_statistics`);
+    ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8), ``L_retain`` = mean NLL (or KL) over retain
+    answer tokens."""
+    lc = settings.loss
     f = ts.is_forget.astype(jnp.float32)[:, None]
-    forget = L.inverse_hinge_loss(lg, ts.targets, ts.low * f)
+    forget = L.masked_mean(stats["ihl"], ts.low * f)
     retain_kind = lc.retain_loss or settings.method.retain_loss
     if retain_kind == "kl":
-        retain = L.kl_to_reference(lg, ref_logits, ts.answer * (1 - f))
+        retain = L.masked_mean(stats["kl"], ts.answer * (1 - f))
     else:
-        retain = L.nll_loss(lg, ts.targets, ts.answer * (1 - f))
+        retain = L.nll_from_log_likelihood(stats["logp"], ts.answer * (1 - f))
     route = jnp.zeros((), jnp.float32)
     if router_logits:
         # every real token is routed at inference, prompt included: train the router on all of them
@@ -206,14 +282,14 @@ def alter_b_terms(logits, router_logits, ts: TokenSets, expert, settings: StepSe
     return total, {"forget_ihl": forget, "retain": retain, "route": route}
 
 
-def alter_a_terms(logits, ts: TokenSets, settings: StepSettings):
-    """L_A (NLL on high-entropy tokens) + λ·drift penalty (owner: shared A)."""
+def alter_a_terms(stats, ts: TokenSets, settings: StepSettings):
+    """L_A (NLL on high-entropy tokens) + λ·drift penalty (owner: shared A), from the per-token
+    statistics at the scored positions."""
     lc = settings.loss
-    lg = logits  # [2B, A, V], aligned with ts.targets
-    la = L.nll_loss(lg, ts.targets, ts.high)
+    la = L.nll_from_log_likelihood(stats["logp"], ts.high)
     struct_ = jnp.zeros((), jnp.float32)
     if lc.struct_penalty == "drift":
-        struct_ = L.entropy_drift_penalty(tsallis_entropy(lg, settings.q), ts.base_entropy, ts.high)
+        struct_ = L.entropy_drift_penalty(stats["entropy"], ts.base_entropy, ts.high)
     return la + lc.lambda_struct * struct_, {"nll_high": la, "struct": struct_}
 
 
@@ -225,8 +301,9 @@ def struct_grad_penalty(a_state, trainable, frozen: "Frozen", ids, mask, expert,
 
     def mean_high_entropy(a):
         tr = {**{g: sg(s) for g, s in trainable.items() if g != "shared_a"}, "shared_a": a}
-        logits, _ = forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, pos=ts.pos)
-        return L.masked_mean(tsallis_entropy(logits, settings.q), ts.high)
+        stats, _ = forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, ts=ts,
+                           scoring=Scoring(("entropy",), settings.q, settings.head_chunk))
+        return L.masked_mean(stats["entropy"], ts.high)
 
     return settings.loss.lambda_struct * L.structural_penalty(mean_high_entropy, a_state)
 
@@ -245,21 +322,23 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
     sow = "router" in trainable
     expert, ctx = _ctx(batch, sow)
     ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, mask, score_positions(batch))
-    ref = reference_logits(frozen, trainable, ids, mask, ts.pos) if (settings.loss.retain_loss == "kl") else None
+    scoring = alter_scoring(settings)
+    ref = reference_head(frozen, trainable, ids, mask, ts.pos) if "kl" in scoring.want else None
 
-    (logits, router_logits), pullback = jax.vjp(
-        lambda tr: forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, sow_router=sow, pos=ts.pos), trainable
+    (stats, router_logits), pullback = jax.vjp(
+        lambda tr: forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, sow_router=sow, ts=ts, scoring=scoring,
+                           ref=ref), trainable
     )
-    (lb, mb), (d_logits_b, d_router) = jax.value_and_grad(
-        lambda lg, rl: alter_b_terms(lg, rl, ts, expert, settings, ref), argnums=(0, 1), has_aux=True
-    )(logits, router_logits)
-    (grads,) = pullback((d_logits_b, d_router))
+    (lb, mb), (d_stats_b, d_router) = jax.value_and_grad(
+        lambda st, rl: alter_b_terms(st, rl, ts, expert, settings), argnums=(0, 1), has_aux=True
+    )(stats, router_logits)
+    (grads,) = pullback((d_stats_b, d_router))
     grads = {g: grads[g] for g in trainable if g != "shared_a"}
     la, ma = jnp.zeros((), jnp.float32), {}
     if "shared_a" in trainable:
-        (la, ma), d_logits_a = jax.value_and_grad(lambda lg: alter_a_terms(lg, ts, settings), has_aux=True)(logits)
+        (la, ma), d_stats_a = jax.value_and_grad(lambda st: alter_a_terms(st, ts, settings), has_aux=True)(stats)
         zeros_r = [jnp.zeros_like(r) for r in router_logits]
-        (grads_a,) = pullback((d_logits_a, zeros_r))
+        (grads_a,) = pullback((d_stats_a, zeros_r))
         grads["shared_a"] = grads_a["shared_a"]
         if settings.loss.struct_penalty == "grad":
             pen, g_pen = jax.value_and_grad(struct_grad_penalty)(
@@ -284,10 +363,14 @@ def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepS
     sg = jax.lax.stop_gradient
     tr_b = {g: (sg(s) if g == "shared_a" else s) for g, s in trainable.items()}
     tr_a = {g: (s if g == "shared_a" else sg(s)) for g, s in trainable.items()}
-    logits_b, router_b = forward(frozen.graphdef, tr_b, frozen.parts, ids, mask, ctx, sow_router=sow, pos=ts.pos)
-    logits_a, _ = forward(frozen.graphdef, tr_a, frozen.parts, ids, mask, ctx, sow_router=sow, pos=ts.pos)
-    _, mb = alter_b_terms(logits_b, router_b, ts, expert, settings)
-    _, ma = alter_a_terms(logits_a, ts, settings)
+    scoring = alter_scoring(settings)
+    ref = reference_head(frozen, trainable, ids, mask, ts.pos) if "kl" in scoring.want else None
+    stats_b, router_b = forward(frozen.graphdef, tr_b, frozen.parts, ids, mask, ctx, sow_router=sow, ts=ts,
+                                scoring=scoring, ref=ref)
+    stats_a, _ = forward(frozen.graphdef, tr_a, frozen.parts, ids, mask, ctx, sow_router=sow, ts=ts, scoring=scoring,
+                         ref=ref)
+    _, mb = alter_b_terms(stats_b, router_b, ts, expert, settings)
+    _, ma = alter_a_terms(stats_a, ts, settings)
     lc = settings.loss
     parts = {
         "forget": lc.beta * mb["forget_ihl"],
@@ -306,33 +389,35 @@ def generic_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings
     spec, lc = settings.method, settings.loss
     n_forget = batch["forget"]["input_ids"].shape[0]
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
-    pos = score_positions(batch)
-    lg, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, pos=pos)  # [2B, A, V]
-    tg = gather_next(labels, pos, L.IGNORE_INDEX)
-    m = (tg != L.IGNORE_INDEX).astype(jnp.float32)
-    f = (jnp.arange(ids.shape[0]) < n_forget).astype(jnp.float32)[:, None]
+    ts = token_sets(labels, None, n_forget, settings, mask, score_positions(batch))
+    m = ts.answer
+    f = ts.is_forget.astype(jnp.float32)[:, None]
     mf, mr = m * f, m * (1 - f)
     retain_kind = lc.retain_loss or spec.retain_loss
     # NPO's reference is a per-example sequence log-probability: the pre-pass gives it once
-    # (batch["ref_logp"]); only KL needs reference logits, and only at the scored positions
+    # (batch["ref_logp"]); only KL needs the reference model, and only its head at scored positions
     npo_ref = _concat(batch, "ref_logp") if "ref_logp" in batch["forget"] else None
-    needs_ref = (spec.forget_loss == "npo" and npo_ref is None) or retain_kind == "kl"
-    ref = reference_logits(frozen, trainable, ids, mask, pos) if needs_ref else None
-    if spec.forget_loss == "ga":
-        forget = L.gradient_ascent_loss(lg, tg, mf)
-    elif spec.forget_loss == "npo" and npo_ref is not None:
-        forget = L.npo_loss_from_ref(lg, npo_ref, tg, mf, beta=lc.npo_beta)
+    ref = reference_head(frozen, trainable, ids, mask, ts.pos) if (
+        (spec.forget_loss == "npo" and npo_ref is None) or retain_kind == "kl") else None
+    if spec.forget_loss == "npo" and npo_ref is None:  # the reference's sequence log-probability, by its forward
+        ref_lp = token_statistics(ref[0], ref[1], ts.targets, Scoring(("logp",), chunk=settings.head_chunk))["logp"]
+        npo_ref = -L.per_example_nll_from_log_likelihood(ref_lp, mf).sum
+    scoring = Scoring(("logp",) + (("kl",) if retain_kind == "kl" else ()), chunk=settings.head_chunk)
+    stats, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, ts=ts, scoring=scoring, ref=ref)
+    lp = stats["logp"]
+    if spec.forget_loss == "ga":  # −NLL_forget
+        forget = -L.nll_from_log_likelihood(lp, mf)
     elif spec.forget_loss == "npo":
-        forget = L.npo_loss(lg, ref, tg, mf, beta=lc.npo_beta)
+        forget = L.npo_loss_from_log_likelihood(lp, npo_ref, mf, beta=lc.npo_beta)
     elif spec.forget_loss == "simnpo":
-        forget = L.simnpo_loss(lg, tg, mf, beta=lc.simnpo_beta, gamma=lc.simnpo_gamma)
+        forget = L.simnpo_loss_from_log_likelihood(lp, mf, beta=lc.simnpo_beta, gamma=lc.simnpo_gamma)
     else:
         raise ValueError(f"method {spec.name}: unknown forget loss {spec.forget_loss}")
     retain = jnp.zeros((), jnp.float32)
     if retain_kind == "nll":
-        retain = L.nll_loss(lg, tg, mr)
+        retain = L.nll_from_log_likelihood(lp, mr)
     elif retain_kind == "kl":
-        retain = L.kl_to_reference(lg, ref, mr)
+        retain = L.masked_mean(stats["kl"], mr)
     total = lc.beta * forget + (lc.gamma * retain if retain_kind else 0.0)
     return total, {"loss": total, "forget": forget, "retain": retain}
 
@@ -373,8 +458,9 @@ def phase1_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
     n_forget = batch["forget"]["input_ids"].shape[0]
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
     ts = token_sets(labels, _concat(batch, "entropy"), n_forget, settings, pos=score_positions(batch))
-    logits, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, None, pos=ts.pos)
-    loss = L.nll_loss(logits, ts.targets, ts.high)
+    stats, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, None, ts=ts,
+                       scoring=Scoring(("logp",), chunk=settings.head_chunk))
+    loss = L.nll_from_log_likelihood(stats["logp"], ts.high)
     return loss, {"loss": loss, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
 
 

@@ -3,6 +3,8 @@ full-logits computation, and each bucket compiles once."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ from alter_jax.train.step import Frozen, StepSettings, init_state, loss_and_grad
 from tests.train.conftest import TINY, make_side, tiny_model
 
 
-def _setup(method, **loss_kw):
+def _setup(method, head_chunk=0, **loss_kw):
     spec = get_method(method)
     model = tiny_model(num_forget_experts=2 if spec.asymmetric else (0 if spec.adapter else None))
     graphdef, trainable, parts = split_model(model, spec.trainable)
@@ -24,7 +26,7 @@ def _setup(method, **loss_kw):
     if "backbone" in trainable:
         reference = jax.tree_util.tree_map(jnp.copy, trainable["backbone"])
     frozen = Frozen(graphdef=graphdef, parts=parts, reference=reference)
-    settings = StepSettings(method=spec, loss=LossConfig(**loss_kw), q=1.0, threshold=1.2)
+    settings = StepSettings(method=spec, loss=LossConfig(**loss_kw), q=1.0, threshold=1.2, head_chunk=head_chunk)
     return trainable, frozen, settings
 
 
@@ -49,19 +51,22 @@ def _max_diff(a, b):
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-@pytest.mark.parametrize("method,loss_kw", [
-    ("alter", {}), ("alter", {"retain_loss": "kl"}), ("alter", {"struct_penalty": "grad"}), ("asymlora", {}),
-    ("lora_gd", {}), ("graddiff", {}), ("npo", {}), ("npo_kl", {}), ("simnpo", {}),
+@pytest.mark.parametrize("method,loss_kw,head_chunk", [
+    ("alter", {}, 0), ("alter", {}, 3), ("alter", {"retain_loss": "kl"}, 3), ("alter", {"struct_penalty": "grad"}, 0),
+    ("asymlora", {}, 0), ("lora_gd", {}, 0), ("graddiff", {}, 3), ("npo", {}, 0), ("npo_kl", {}, 3), ("simnpo", {}, 3),
 ])
-def test_scored_head_equals_full_logits(method, loss_kw):
-    trainable, frozen, settings = _setup(method, **loss_kw)
+def test_scored_head_equals_full_logits(method, loss_kw, head_chunk):
+    """Scored positions only (and, with head_chunk, the head in rematerialised blocks) give the
+    losses, metrics and gradients of the full-logits step."""
+    trainable, frozen, settings = _setup(method, head_chunk, **loss_kw)
     full = _long_batch()
     full = {s: {k: v for k, v in full[s].items() if k != "ref_logp"} for s in full}  # reference by forward
     scored = bucket_batch(full, 8)
     longest = max(int(full[s]["attention_mask"].sum(1).max()) for s in full)
     assert scored["forget"]["input_ids"].shape[1] == -(-longest // 8) * 8 < full["forget"]["input_ids"].shape[1]
     assert scored["forget"]["score_pos"].shape[1] < scored["forget"]["input_ids"].shape[1] - 1
-    loss_f, m_f, g_f = loss_and_grads(trainable, frozen, jax.tree_util.tree_map(jnp.asarray, full), settings)
+    loss_f, m_f, g_f = loss_and_grads(trainable, frozen, jax.tree_util.tree_map(jnp.asarray, full),
+                                      dataclasses.replace(settings, head_chunk=0))
     loss_s, m_s, g_s = loss_and_grads(trainable, frozen, jax.tree_util.tree_map(jnp.asarray, scored), settings)
     assert float(loss_f) != 0.0
     assert abs(float(loss_f) - float(loss_s)) <= 1e-5 * max(1.0, abs(float(loss_f)))
@@ -115,3 +120,30 @@ def test_one_compile_per_bucket():
             state, _ = step(state, frozen, jax.tree_util.tree_map(jnp.asarray, b))
     assert len(shapes) >= 2  # the data really spans several buckets
     assert step._cache_size() == len(shapes)  # one compile per (width, scored) bucket, none per batch
+
+
+@pytest.mark.parametrize("method", ["alter", "lora_gd"])
+def test_scan_over_layers_equals_the_layer_loop(method):
+    """``ModelConfig.scan_layers``: the same losses and gradients (router logits sown inside the
+    scan included) as the Python loop over layers."""
+    from alter_jax.train.step import merge_model
+
+    trainable, frozen, settings = _setup(method)
+    model = merge_model(frozen.graphdef, trainable, frozen.parts)
+    model.cfg = model.cfg.replace(scan_layers=True)
+    for layer in model.layers:
+        layer.self_attn.cfg = model.cfg
+    gd_scan, tr_scan, parts_scan = split_model(model, settings.method.trainable)
+    frozen_scan = Frozen(graphdef=gd_scan, parts=parts_scan)
+    batch = jax.tree_util.tree_map(jnp.asarray, bucket_batch(_long_batch(), 8))
+    loss_l, m_l, g_l = loss_and_grads(trainable, frozen, batch, settings)
+    loss_s, m_s, g_s = loss_and_grads(tr_scan, frozen_scan, batch, settings)
+    hlo = jax.jit(loss_and_grads, static_argnums=3).lower(tr_scan, frozen_scan, batch, settings).as_text()
+    assert "stablehlo.while" in hlo  # the layers really ran as a scan
+    assert float(loss_l) == pytest.approx(float(loss_s), abs=1e-6)
+    for k in m_l:
+        assert float(m_l[k]) == pytest.approx(float(m_s[k]), abs=1e-6), k
+    assert _max_diff(g_l, g_s) <= 1e-6
+    ids = batch["forget"]["input_ids"]
+    assert np.allclose(np.asarray(model(ids)), np.asarray(merge_model(frozen.graphdef, trainable, frozen.parts)(ids)),
+                       atol=1e-6)
