@@ -617,7 +617,7 @@ def read_logs(folder: str | os.PathLike, required: Sequence[str] = tuple(LOG_FIL
     missing = [n for n in required if n not in logs]
     if missing:
         raise TofuLogsError(
-            f"TOFU logs {p} lack {', '.join(missing)} (no {AGGREGATED_FILE} or {OU_EVAL_FILE} holds them); "
+            f"TOFU log folder {p} lacks {', '.join(missing)} (and no {AGGREGATED_FILE} or {OU_EVAL_FILE} holds them); "
             "point --logs at a folder written by `evaluate tofu`, TOFU's eval_results/ds_size300 or "
             f"open-unlearning's {OU_EVAL_FILE}"
         )
