@@ -183,3 +183,25 @@ def test_truth_ratio_prob_mean_matches_torch(setup):
     # the legacy log's EM / ES are the forget-answer ones
     em = [torch_em_es(torch_row(tm, tok, r["question"], r["answer"]))[0] for r in forget]
     np.testing.assert_allclose([log["exact_memorization"][str(i)] for i in range(N)], em, **TOL)
+
+
+def test_muse_verbmem_em_es_match_torch(setup):
+    """MUSE verbmem EM / ES: open-unlearning's CompletionDataset (prefix + " " + text, no EOS)."""
+    from alter_jax.data.muse import VerbMemItem
+    from alter_jax.eval.muse import eval_verbmem_memorization
+
+    tok, tm, _, _, lf, _, forget, holdout = setup
+    items = [VerbMemItem(r["question"], r["answer"]) for r in forget + holdout]
+    res = eval_verbmem_memorization(items, lf, tok, batch_size=3)
+    ref = []
+    for it in items:
+        full = tok(it.prompt + " " + it.gt, add_special_tokens=True)["input_ids"]
+        k = len(tok(it.prompt, add_special_tokens=True)["input_ids"])
+        with torch.no_grad():
+            lp = torch.log_softmax(tm(torch.tensor([full])).logits, -1)[0, :-1]
+        labels = torch.tensor([-100] * k + full[k:])
+        ref.append(torch_em_es({"vlp": lp[k - 1:len(full) - 2], "tgt": labels[k:len(full) - 1]}))
+    np.testing.assert_allclose([p["exact_memorization"] for p in res["per_item"]], [e for e, _ in ref], **TOL)
+    np.testing.assert_allclose([p["extraction_strength"] for p in res["per_item"]], [s for _, s in ref], **TOL)
+    assert res["exact_memorization"] == pytest.approx(np.mean([e for e, _ in ref]), abs=1e-5)
+    assert res["n"] == len(items) and len(set(np.round([e for e, _ in ref], 6))) >= 3
