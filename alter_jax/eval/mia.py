@@ -12,9 +12,9 @@ label tokens):
   k = 0.4; 0 for an empty sequence.
 - ``min_k_plus_plus`` (Min-K%++, Zhang et al. 2024): per token z_t = (logp_t − mu_t) /
   sqrt(max(sigma_t, 1e-6)), then −mean of the ⌊k·n⌋ (≥ 1) lowest z; k = 0.4.
-- ``gradnorm`` (Wang et al. 2024, arXiv 2402.17012): mean over parameter tensors of
+- ``gradnorm`` (Wang et al. 2024, "Pandora's White-Box", arXiv 2402.17012): mean over parameter tensors of
   ‖∂ℓ/∂θ‖_p of ℓ = −mean logp (p = 2), through a :data:`GradNormFn`.
-- ``reference`` (Carlini et al. 2022, LiRA-style offset): avg_loss(target) − avg_loss(reference
+- ``reference`` (Carlini et al. 2021, comparison with a reference model): avg_loss(target) − avg_loss(reference
   model).
 
 AUC (open-unlearning ``mia_auc``): ``roc_auc_score`` with forget rows labelled 0 and holdout
