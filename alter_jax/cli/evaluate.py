@@ -68,6 +68,7 @@ def _tofu_aggregate_args(p: argparse.ArgumentParser) -> Runner:
         else:
             print("Forget Quality: n/a (pass --retain-logs)")
         print(f"Model Utility: {_fmt(res['model_utility'])}")
+        print(f"Aggregate (harmonic mean of FQ and MU): {_fmt(res['aggregate'])}")
         for k, v in res["parts"].items():
             print(f"  {k:<26} {_fmt(v)}")
         for k, v in res["forget"].items():

@@ -193,3 +193,28 @@ def test_cli_json_object_and_tofu_eval_as_retain_logs(tmp_path):
     # our own logs round-trip through TOFU_EVAL.json exactly (Model Utility too)
     assert aggregate(out / OU_EVAL_FILE)["model_utility"] == aggregate(out)["model_utility"]
     assert aggregate(out, out / OU_EVAL_FILE)["forget_quality"] == aggregate(out, out)["forget_quality"]
+
+
+def test_holdout_resolution(tmp_path):
+    from alter_jax.data.synthetic import write_tofu_folder
+    from alter_jax.data.tofu import load_tofu_split
+    from alter_jax.eval.tofu import holdout_split_for, resolve_holdout
+
+    write_tofu_folder(tmp_path, num_authors=10, forget_authors=1, seed=0, per_author=4)
+    assert holdout_split_for("forget10_perturbed") == "holdout10" and holdout_split_for("forget") is None
+    rows, name = resolve_holdout("auto", "forget10", tmp_path, 4)
+    assert rows is None and "holdout10 not in" in name and "full:A-B" in name  # like ../shared/data/tofu
+    rows, name = resolve_holdout("full:2-3", "forget10", tmp_path, 4, per_author=4)
+    full = load_tofu_split("full", tmp_path)
+    assert rows == full[8:12] and name == "full.json authors 2-3 (4 rows)"
+    (tmp_path / "holdout10.json").write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}"}) + "\n"
+                                                     for i in range(6)))
+    rows, name = resolve_holdout("auto", "forget10", tmp_path, 4)
+    assert [r["question"] for r in rows] == ["q0?", "q1?", "q2?", "q3?"] and name == "holdout10 (4 rows)"
+    assert resolve_holdout("none", "forget10", tmp_path, 4)[0] is None
+    with pytest.raises(ValueError, match="full.json has authors 0..9"):
+        resolve_holdout("full:8-12", "forget10", tmp_path, 4, per_author=4)
+    with pytest.raises(ValueError, match="expected full:A-B"):
+        resolve_holdout("full:x", "forget10", tmp_path, 4)
+    with pytest.raises(ValueError, match="holdout05"):
+        resolve_holdout("holdout05", "forget10", tmp_path, 4)
