@@ -27,7 +27,9 @@ the *question* in the model's prompt format, the answer followed by EOS):
 Which question goes with the paraphrased / perturbed answers: TOFU's
 ``config/eval_everything.yaml`` sets ``question_key: question`` for all four tasks, so the
 paraphrased and perturbed answers are scored after the *original* question;
-``paraphrased_question`` is not used by the evaluation. We do the same.
+``paraphrased_question`` is not used by TOFU's evaluation. We do the same by default; the
+paraphrased-question mode (open-unlearning's ``question_key: paraphrased_question``) adds
+forget / retain tasks ``*_paraphrased_question`` that ask it instead.
 
 Aggregation (TOFU ``aggregate_eval_stat.py``; README of shared/data/tofu):
 
@@ -53,7 +55,7 @@ Added metrics (open-unlearning's definitions; docs/eval_definitions.md):
 - membership inference (:mod:`alter_jax.eval.mia`) on forget vs holdout rows (question +
   answer in the prompt format), PrivLeak on Min-K%;
 - ``aggregate`` = harmonic mean of Forget Quality and Model Utility (open-unlearning reports
-  no single score; this is the issue's definition, named ``aggregate``).
+  no single score; this one is ours, named ``aggregate``).
 
 Logs are written both as TOFU's legacy files and as open-unlearning's ``TOFU_EVAL.json`` /
 ``TOFU_SUMMARY.json``; either can be read back (:func:`read_logs`), e.g. as retain logs.
