@@ -1,7 +1,7 @@
 """``evaluate``: evaluation commands (one subcommand each).
 
     bin/evaluate tofu-aggregate --logs DIR [--retain-logs DIR] [--json]
-    bin/evaluate tofu --model PATH --out DIR [--data SRC] [--forget-split forget10] ...
+    bin/evaluate tofu --model PATH --out DIR [--data SRC] [--forget-split forget10] [--json OUT] ...
 
 Subcommands live in a registry so other modules can add theirs (``mcq``, ``muse``, ...):
 
@@ -68,6 +68,7 @@ def _tofu_aggregate_args(p: argparse.ArgumentParser) -> Runner:
         else:
             print("Forget Quality: n/a (pass --retain-logs)")
         print(f"Model Utility: {_fmt(res['model_utility'])}")
+        print(f"Aggregate (harmonic mean of FQ and MU): {_fmt(res['aggregate'])}")
         for k, v in res["parts"].items():
             print(f"  {k:<26} {_fmt(v)}")
         for k, v in res["forget"].items():
@@ -80,36 +81,135 @@ def _tofu_aggregate_args(p: argparse.ArgumentParser) -> Runner:
 # ----------------------------------------------------------------------------- tofu
 
 
-@subcommand("tofu", help="run the TOFU evaluation on a model (writes legacy logs + summary.json)")
+TOFU_METRICS_HELP = """\
+metrics (docs/eval_definitions.md gives each formula and its source):
+  per split (forget, retain, real_authors, world_facts; with --paraphrased-questions also
+  forget_paraphrased_question, retain_paraphrased_question):
+    prob                   mean exp(-avg answer NLL) (real_authors / world_facts: p_true / sum p)
+    rouge_l_recall         ROUGE-L recall of the greedy answer
+    truth_ratio            TOFU: forget mean min(r, 1/r); others mean max(0, 1 - 1/r)
+    truth_ratio_prob_mean  open-unlearning prob_mean: mean p_c / (p_c + p_w)
+    exact_memorization     share of answer tokens that are the teacher-forced argmax
+    extraction_strength    1 - (shortest prefix share after which argmax reproduces the answer)
+  membership inference, forget vs holdout rows (--holdout), AUC as open-unlearning:
+    mia_loss_auc, mia_zlib_auc, mia_min_k_auc, mia_min_k_plus_plus_auc, mia_gradnorm_auc,
+    mia_reference_auc (needs --reference-model)
+  aggregates:
+    privleak               (AUC'_unlearned - AUC'_retain) / AUC'_retain x 100, AUC' = 1 - mia_min_k_auc
+    forget_quality         KS-test p-value of forget truth ratios vs the retain model (--retain-logs)
+    model_utility          harmonic mean of 9 retain / real authors / world facts numbers
+    aggregate              harmonic mean of forget_quality and model_utility
+outputs: TOFU legacy logs (eval_log*.json), open-unlearning TOFU_EVAL.json / TOFU_SUMMARY.json,
+summary.json, and with --json OUT one object with all of the above.
+"""
+
+
+@subcommand("tofu", help="run the TOFU evaluation on a model (legacy logs, TOFU_EVAL.json, summary.json)")
 def _tofu_args(p: argparse.ArgumentParser) -> Runner:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = TOFU_METRICS_HELP
     _model_args(p)
     p.add_argument("--out", required=True, help="output folder for the logs")
     p.add_argument("--data", default="locuslab/TOFU", help="TOFU folder or hub id (default locuslab/TOFU)")
     p.add_argument("--forget-split", default="forget10", help="forget01 / forget05 / forget10")
     p.add_argument("--prompt-format", default="auto", help="auto, llama2, chat, chatml, llama3, zephyr, plain")
-    p.add_argument("--ds-size", type=int, default=300, help="first N rows per split, as TOFU (0 = all)")
+    p.add_argument("--system-prompt", default=None,
+                   help="system message for chat formats: a preset (helpful, helpful-dated, or an open-unlearning "
+                        "model config name such as Llama-3.2-1B-Instruct, which adds its date line) or literal text; "
+                        "default none (TOFU's original)")
+    p.add_argument("--ds-size", type=int, default=0, help="first N rows per split (default 0 = all, as "
+                   "open-unlearning; TOFU's original code uses 300)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=200, help="scoring length (prompt + answer)")
-    p.add_argument("--generation-max-length", type=int, default=200, help="prompt + generated tokens")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="new tokens per greedy answer (default 200)")
+    p.add_argument("--generation-max-length", type=int, default=None,
+                   help="TOFU's original budget instead: prompt + answer tokens (overrides --max-new-tokens)")
+    p.add_argument("--paraphrased-questions", action="store_true",
+                   help="also evaluate forget and retain asking paraphrased_question (open-unlearning question_key)")
+    p.add_argument("--holdout", default="auto",
+                   help="holdout rows for the attacks: auto (hub holdoutXX if the data has it), none, a split "
+                        "name, or full:A-B (TOFU authors A..B of full.json, for models that never saw them)")
+    p.add_argument("--attacks", default="loss,zlib,min_k,min_k_plus_plus,gradnorm,reference",
+                   help="comma list of membership attacks (reference runs only with --reference-model)")
+    p.add_argument("--reference-model", default=None, help="reference model for the reference-based attack")
+    p.add_argument("--mia-k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++ (default 0.4)")
+    p.add_argument("--gradnorm-p", type=float, default=2.0, help="p-norm of GradNorm (1, 2 or inf)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--retain-logs", default=None, help="retain model's log folder (for Forget Quality)")
+    p.add_argument("--retain-logs", default=None,
+                   help="retain model's logs (folder of legacy logs or TOFU_EVAL.json) for Forget Quality / PrivLeak")
+    p.add_argument("--json", default=None, dest="json_out", help="write the metrics object to this JSON file")
     p.add_argument("--no-progress", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
         from alter_jax.eval.tofu import evaluate_tofu
 
-        logits_fn, generate_fn, tok = _load_model(args)
+        attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        logits_fn, generate_fn, tok, model, forward = _load_model_tofu(args)
+        gradnorm_fn = None
+        if "gradnorm" in attacks:
+            from alter_jax.gradnorm import model_gradnorm_fn
+
+            gradnorm_fn = model_gradnorm_fn(model, p=args.gradnorm_p, forward=forward)
+        ref_fn = None
+        if args.reference_model:
+            from alter_jax.generate import model_fns
+            from alter_jax.io.hf import load_pretrained
+
+            ref_fn = model_fns(load_pretrained(args.reference_model, dtype=args.dtype))[0]
+        max_new = None if args.generation_max_length else args.max_new_tokens
         res = evaluate_tofu(
             logits_fn, generate_fn, tok, args.out, forget_split=args.forget_split, source=args.data,
             fmt=args.prompt_format, ds_size=args.ds_size or None, batch_size=args.batch_size,
             max_length=args.max_length, generation_max_length=args.generation_max_length,
-            max_new_tokens=args.max_new_tokens, retain_logs=args.retain_logs, progress=not args.no_progress,
+            max_new_tokens=max_new, retain_logs=args.retain_logs, progress=not args.no_progress,
+            system_prompt=args.system_prompt, paraphrased_questions=args.paraphrased_questions,
+            holdout=args.holdout, attacks=attacks, gradnorm_fn=gradnorm_fn, reference_logits_fn=ref_fn,
+            mia_k=args.mia_k,
         )
-        print(json.dumps({k: res.get(k) for k in ("forget_quality", "model_utility", "parts", "forget")}, indent=2))
+        metrics = res["metrics"]
+        if args.json_out:
+            from pathlib import Path
+
+            Path(args.json_out).write_text(json.dumps(metrics, indent=2))
+        print(json.dumps(metrics, indent=2))
         return 0
 
     return run
+
+
+def _load_model_tofu(args: argparse.Namespace):
+    """(logits_fn, generate_fn, tokenizer, NNX model, forward for GradNorm) for --model or --run;
+    ALTER / AsymLoRA runs differentiate through the entropy-gated forward."""
+    from alter_jax.io.hf import load_tokenizer
+
+    forward = None
+    if getattr(args, "run", None):
+        from pathlib import Path
+
+        from alter_jax import config as C
+        from alter_jax.train.loop import load_run_result
+        from alter_jax.train.methods import get_method
+
+        model, tok, lf, gf = load_run_result(args.run)
+        run = C.build(json.loads((Path(args.run) / "config.json").read_text())["config"])
+        adapter_cfg = Path(args.run) / "adapter" / "alter_config.json"
+        if get_method(run.train.method).asymmetric and adapter_cfg.is_file():
+            from alter_jax.gated import GateConfig, gated_logits
+
+            extra = json.loads(adapter_cfg.read_text()).get("extra", {})
+            gate = GateConfig(q=run.entropy.q, threshold=float(extra.get("threshold", run.entropy.value)),
+                              source=run.entropy.inference_source)
+            forward = lambda m, ids, mask: gated_logits(m, ids, mask, gate)  # noqa: E731
+    else:
+        from alter_jax.generate import model_fns
+        from alter_jax.io.hf import load_pretrained
+
+        model = load_pretrained(args.model, dtype=getattr(args, "dtype", "float32"))
+        lf, gf = model_fns(model)
+        tok = load_tokenizer(args.model)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    return lf, gf, tok, model, forward
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -40,10 +40,19 @@ Formats (``PromptFormat``, registry :data:`FORMATS`):
 - ``chatml`` / ``llama3`` / ``zephyr``: as ``chat``, with a built-in Jinja template used
   when the tokenizer has none (SmolLM2 uses ChatML).
 - ``auto``: ``chat`` when the tokenizer has a chat template, else ``plain``.
+
+System prompt (chat formats only): ``"<format>@<preset>"`` (e.g. ``"chat@Llama-3.2-1B-Instruct"``)
+adds the system message, and the ``date_string`` template variable, of a preset in
+:data:`SYSTEM_PROMPTS`: ``helpful`` ("You are a helpful assistant."), ``helpful-dated`` (the
+same plus ``date_string="10 Apr 2025"``, which Llama-3.x templates render as a "Today Date"
+line) and one preset per model config of open-unlearning (``configs/model/*.yaml``
+``template_args``: ``system_prompt`` and ``date_string``). :func:`with_system_prompt` also
+takes a literal system prompt. The default is no system prompt (TOFU's original code).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -91,6 +100,7 @@ class PromptFormat:
     use_chat_template: bool = False
     fallback_template: str | None = None
     system_prompt: str | None = None
+    date_string: str | None = None  # chat-template variable (Llama-3.x "Today Date" line)
 
 
 FORMATS: dict[str, PromptFormat] = {
@@ -103,6 +113,50 @@ FORMATS: dict[str, PromptFormat] = {
 }
 
 
+HELPFUL = "You are a helpful assistant."
+OU_DATE = "10 Apr 2025"
+
+# name -> (system prompt, date_string). open-unlearning's configs/model/*.yaml template_args
+# (models with apply_chat_template False or no system_prompt get none).
+SYSTEM_PROMPTS: dict[str, tuple[str | None, str | None]] = {
+    "none": (None, None),
+    "helpful": (HELPFUL, None),
+    "helpful-dated": (HELPFUL, OU_DATE),
+    "Llama-2-7b-hf": (None, None),
+    "Llama-2-13b-hf": (None, None),
+    "Llama-2-7b-chat-hf": (None, None),
+    "phi-1_5": (None, None),
+    "gemma-7b-it": (None, None),
+    "Llama-3.1-8B-Instruct": (HELPFUL, OU_DATE),
+    "Llama-3.2-1B-Instruct": (HELPFUL, OU_DATE),
+    "Llama-3.2-3B-Instruct": (HELPFUL, OU_DATE),
+    "zephyr-7b-beta": (HELPFUL, OU_DATE),
+    "Phi-3.5-mini-instruct": (HELPFUL, None),
+    "Qwen2.5-1.5B-Instruct": (HELPFUL, None),
+    "Qwen2.5-3B-Instruct": (HELPFUL, None),
+    "Qwen2.5-7B-Instruct": (HELPFUL, None),
+}
+
+
+def with_system_prompt(fmt: str | PromptFormat, tokenizer, system: str | None) -> PromptFormat:
+    """``fmt`` with a system prompt: ``system`` is a name in :data:`SYSTEM_PROMPTS` (its
+    system message and date_string) or a literal system message; ``None`` / ``""`` leaves
+    ``fmt`` as it is. Only chat-template formats take a system prompt (ValueError otherwise)."""
+    f = resolve_format(fmt, tokenizer)
+    if not system:
+        return f
+    sp, date = SYSTEM_PROMPTS.get(system, (system, None))
+    if sp is None and date is None:
+        return dataclasses.replace(f, system_prompt=None, date_string=None)
+    if not f.use_chat_template:
+        raise ValueError(
+            f"system prompt {system!r}: prompt format {f.name!r} has no chat template, so it cannot take a "
+            "system message; use a chat format (chat, chatml, llama3, zephyr) or no system prompt"
+        )
+    tag = system if system in SYSTEM_PROMPTS else "custom"
+    return dataclasses.replace(f, name=f"{f.name}@{tag}", system_prompt=sp, date_string=date)
+
+
 def register_format(fmt: PromptFormat) -> None:
     """Add (or replace) a named format in :data:`FORMATS`."""
     FORMATS[fmt.name] = fmt
@@ -113,6 +167,12 @@ def resolve_format(fmt: str | PromptFormat, tokenizer) -> PromptFormat:
     has a chat template, else ``plain``."""
     if isinstance(fmt, PromptFormat):
         return fmt
+    if "@" in fmt:
+        base, _, preset = fmt.partition("@")
+        if preset not in SYSTEM_PROMPTS:
+            raise ValueError(f"prompt format {fmt!r}: unknown system prompt preset {preset!r}; "
+                             f"choose one of {sorted(SYSTEM_PROMPTS)}")
+        return with_system_prompt(base, tokenizer, preset)
     if fmt == "auto":
         return FORMATS["chat"] if getattr(tokenizer, "chat_template", None) else FORMATS["plain"]
     if fmt not in FORMATS:
@@ -148,8 +208,9 @@ def prompt_text(tokenizer, question: str, fmt: str | PromptFormat) -> tuple[str,
     if f.system_prompt:
         messages.append({"role": "system", "content": f.system_prompt})
     messages.append({"role": "user", "content": question})
+    extra = {"date_string": f.date_string} if f.date_string is not None else {}
     text = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True, **extra
     )
     return text, False
 

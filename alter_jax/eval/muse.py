@@ -21,6 +21,11 @@ Definitions (all as the MUSE reference code computes them; docs/eval_definitions
   memorised the forget set scores ~0; one that never saw it ~0.5.
 - PrivLeak = ``(AUC_unlearned - AUC_retrain) / AUC_retrain * 100`` (percent; ~0 is ideal,
   strongly negative = under-unlearning, positive = over-unlearning).
+- Exact Memorization / Extraction Strength on ``verbmem/forget`` (open-unlearning's MUSE
+  ``exact_memorization`` / ``extraction_strength``; :mod:`alter_jax.eval.memorization`):
+  teacher-forced on ``prompt + " " + gt`` (tokenised with special tokens, cut to the prompt's
+  tokens + ``max_length``), the labels being the tokens after the prompt (no EOS added; the
+  last label is dropped, as open-unlearning's token-wise metrics do).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from tqdm.auto import tqdm
 from alter_jax.data.batching import length_sorted_batches
 from alter_jax.data.muse import QAItem, VerbMemItem
 from alter_jax.eval.fluency import token_logprobs
+from alter_jax.eval.memorization import mean_defined, memorization_scores, token_stats
 
 LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 GenerateFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -261,3 +267,44 @@ def eval_privleak(
         "forget_scores": f.tolist(),
         "holdout_scores": h.tolist(),
     }
+
+
+# ----------------------------------------------------------------------------- EM / ES
+def verbmem_arrays(tokenizer, items: Sequence[VerbMemItem], max_length: int = 2048,
+                   pad_multiple: int = 32) -> dict[str, np.ndarray]:
+    """open-unlearning's ``preprocess_pretraining_instance`` (``insert_space=True``) for each
+    item, right-padded to one length: ``{input_ids, attention_mask, labels}: int32[N, T]``."""
+    seqs, n_prefix = [], []
+    for it in items:
+        full = list(tokenizer(it.prompt + " " + it.gt, add_special_tokens=True)["input_ids"])
+        k = len(tokenizer(it.prompt, add_special_tokens=True)["input_ids"])
+        seqs.append(full[: k + max_length])
+        n_prefix.append(max(k, 1))  # never a label on position 0
+    T = int(np.ceil(max(len(x) for x in seqs) / pad_multiple) * pad_multiple)
+    ids = np.full((len(seqs), T), _pad_id(tokenizer), np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    labels = np.full((len(seqs), T), -100, np.int32)
+    for i, (x, k) in enumerate(zip(seqs, n_prefix)):
+        ids[i, : len(x)], mask[i, : len(x)] = x, 1
+        labels[i, k: len(x)] = x[k:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def eval_verbmem_memorization(
+    items: Sequence[VerbMemItem],
+    logits_fn: LogitsFn,
+    tokenizer,
+    *,
+    max_length: int = 2048,
+    batch_size: int = 8,
+) -> dict:
+    """Exact Memorization and Extraction Strength of the true continuations ``gt`` after their
+    ``prompt`` (teacher forced). Returns ``{"exact_memorization", "extraction_strength", "n",
+    "per_item": [{"exact_memorization", "extraction_strength"}]}``."""
+    enc = verbmem_arrays(tokenizer, items, max_length)
+    scores = memorization_scores(token_stats(logits_fn, enc["input_ids"], enc["attention_mask"], enc["labels"],
+                                             batch_size))
+    per = [{"exact_memorization": em, "extraction_strength": es}
+           for em, es in zip(scores["exact_memorization"], scores["extraction_strength"])]
+    return {"exact_memorization": mean_defined(scores["exact_memorization"]),
+            "extraction_strength": mean_defined(scores["extraction_strength"]), "n": len(per), "per_item": per}
