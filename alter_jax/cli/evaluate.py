@@ -2,6 +2,7 @@
 
     bin/evaluate tofu-aggregate --logs DIR [--retain-logs DIR] [--json]
     bin/evaluate tofu --model PATH --out DIR [--data SRC] [--forget-split forget10] ...
+    bin/evaluate relearn --run RUN [--steps 0,1,2,4,8,16] [--mode auto|adapter|full|lora] ...
 
 Subcommands live in a registry so other modules can add theirs (``mcq``, ``muse``, ...):
 
@@ -177,7 +178,7 @@ def _relearn_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--steps", default="0,1,2,4,8,16", help="schedule of k (increasing, comma list)")
     p.add_argument("--mode", default="auto", choices=("auto", "adapter", "full", "lora"),
                    help="attacker parameters: adapter = the run's own adapter (ALTER: A, experts, router), full = every "
-                   "parameter, lora = a fresh LoRA on the merged model (auto: adapter for adapter runs, else lora)")
+                   "parameter, lora = a fresh LoRA on the merged model (auto: adapter for ALTER / AsymLoRA, else lora)")
     p.add_argument("--lr", type=float, default=None, help="attacker learning rate (default 1e-3; 1e-4 for full)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--train-frac", type=float, default=0.5, help="share of the forget rows the attacker trains on")

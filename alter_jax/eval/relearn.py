@@ -12,7 +12,7 @@ Split: the forget rows are permuted with ``numpy.random.default_rng(seed)``; the
 
 Attacker parameters (``mode``):
 
-* ``adapter`` (default for ALTER / AsymLoRA / LoRA runs): the run's own adapter keeps training on a
+* ``adapter`` (default for ALTER / AsymLoRA runs): the run's own adapter keeps training on a
   frozen backbone. ALTER / AsymLoRA: every adapter group (shared ``A``, retain expert ``B_r``, forget
   experts ``B_f^d``, router ``W_g``), **through the entropy-gated forward** (Eq. 9, the model as it
   is deployed): each step runs a backbone prefill for ``S_q`` (stop-gradient), then the adapted
@@ -23,7 +23,7 @@ Attacker parameters (``mode``):
   ``S`` recomputed from the *current* backbone every step, as gated inference does). A plain LoRA
   run is merged into its backbone first; a full-parameter run trains its ``model/``.
 * ``lora``: a fresh LoRA (rank ``rank``, ``alpha``, every linear layer, zero ``B``) on the merged
-  model (default for full-parameter runs). Not defined for ALTER / AsymLoRA: the gated model has no
+  model (default for every other run). Not defined for ALTER / AsymLoRA: the gated model has no
   merged form (routing is per token) and a layer holds one adapter; use ``adapter`` or ``full``.
 
 Optimizer: :func:`alter_jax.train.optim.make_optimizer` (AdamW per group, constant learning rate,
@@ -281,9 +281,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 
 def resolve_mode(mode: str, method) -> str:
-    """``auto`` -> ``adapter`` for adapter runs, ``lora`` for full-parameter runs; checks the others."""
+    """``auto`` -> ``adapter`` for ALTER / AsymLoRA (gated), ``lora`` (a fresh LoRA on the merged model) else."""
     if mode == "auto":
-        return "adapter" if method.adapter else "lora"
+        return "adapter" if method.asymmetric else "lora"
     if mode == "adapter" and not method.adapter:
         raise ValueError(f"relearn: --mode adapter needs an adapter run; {method.name} is full-parameter "
                          "(use --mode full or --mode lora)")
