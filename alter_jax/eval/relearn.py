@@ -45,7 +45,11 @@ model seen through ``train.loop.model_eval_fns``: gated for ALTER / AsymLoRA):
 * ``retain_prob``: answer prob on the first ``num_retain`` retain rows (collateral of the attack).
 * ``moved``: which parameters the attack changed: ``‖θ_k − θ_0‖ / ‖θ_0‖`` (Frobenius over all layers)
   per group, the forget experts one by one (``forget_expert_<d>``, expert index ``d`` as in the
-  router, 0 = ``retain_expert``); and at the last ``k``, the same per layer type (``q_proj`` ...).
+  router, 0 = ``retain_expert``), with ``moved_delta_norm`` = ``‖θ_k − θ_0‖`` beside it (the only
+  figure for a fresh LoRA ``B``, whose ``‖θ_0‖ = 0``); at the last ``k`` also per layer type. Adam
+  moves every parameter with a gradient by about ``lr`` per step, so ``moved`` favours small-norm
+  units; ``grad_share`` says where the loss gradient itself flows: ``Σ_steps ‖g_unit‖² / Σ_steps ‖g‖²``
+  over the steps so far (raw gradients, before the optimizer).
 
 Reference: ``base`` holds prob and ROUGE of the model *before* unlearning on ``eval`` and
 ``recovery`` = ``(prob_k − prob_0) / (prob_base − prob_0)`` (share of the unlearned probability
@@ -212,14 +216,30 @@ def relearn_loss(trainable, parts, ids, mask, labels, threshold, *, graphdef, ga
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "gated", "q", "tx"), donate_argnums=(0,))
 def relearn_step(state, parts, ids, mask, labels, threshold, *, graphdef, gated: bool, q: float, tx):
-    """One attacker step -> ``(TrainState, loss)``."""
+    """One attacker step -> ``(TrainState, loss, grad_sq)``.
+
+    ``grad_sq``: the squared gradient norm per parameter array (``forget_experts``: per expert,
+    ``[N]``), taken before the optimizer, i.e. where the relearning signal flows.
+    """
     from alter_jax.train.step import TrainState
 
     loss, grads = jax.value_and_grad(relearn_loss)(state.trainable, parts, ids, mask, labels, threshold,
                                                    graphdef=graphdef, gated=gated, q=q)
+    grad_sq = {g: jax.tree_util.tree_map(
+        (lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))) if g == "forget_experts"
+        else (lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)))), tree) for g, tree in grads.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     return TrainState(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
-                      opt_state=opt_state), loss
+                      opt_state=opt_state), loss, grad_sq
+
+
+def unit_sums(flat: dict[tuple[str, ...], np.ndarray]) -> dict[str, float]:
+    """Sum of per-array scalars (e.g. squared gradient norms from :func:`relearn_step`) per unit."""
+    out: dict[str, float] = {}
+    for path, arr in flat.items():
+        for name, _, v in _units(path, np.asarray(arr)):
+            out[name] = out.get(name, 0.0) + float(np.sum(v))
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -412,7 +432,7 @@ def relearn(
 
     from tqdm.auto import tqdm
 
-    rows_out, losses = [], []
+    rows_out, losses, grad_sq = [], [], {}
     order, epoch = [], 0
     bar = tqdm(total=cfg.steps[-1], desc=f"relearn[{method.name}/{mode}]", disable=not progress, leave=False)
     for k in cfg.steps:
@@ -423,15 +443,20 @@ def relearn(
             idx = np.resize(np.asarray(order[: cfg.batch_size]), cfg.batch_size)
             order = order[cfg.batch_size:]
             b = {key: jnp.asarray(arrays[key][idx]) for key in ("input_ids", "attention_mask", "labels")}
-            state, loss = relearn_step(state, parts, b["input_ids"], b["attention_mask"], b["labels"], threshold,
-                                       graphdef=graphdef, gated=gated, q=q, tx=tx)
+            state, loss, gsq = relearn_step(state, parts, b["input_ids"], b["attention_mask"], b["labels"], threshold,
+                                            graphdef=graphdef, gated=gated, q=q, tx=tx)
             losses.append(float(loss))
+            for u, v in unit_sums(flat_params(gsq)).items():
+                grad_sq[u] = grad_sq.get(u, 0.0) + v
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update()
         mdl = merge_model(graphdef, state.trainable, parts)
         res = {"k": k, **evaluate(mdl), "train_loss": losses[-1] if losses else None}
         moved = parameter_changes(start, flat_params(state.trainable), per_layer_type=(k == cfg.steps[-1]))
         res["moved"] = {u: v["relative"] for u, v in moved.items() if u != "per_layer_type"}
+        res["moved_delta_norm"] = {u: v["delta_norm"] for u, v in moved.items() if u != "per_layer_type"}
+        total = sum(grad_sq.values())
+        res["grad_share"] = {u: (v / total if total > 0 else None) for u, v in sorted(grad_sq.items())} if k else {}
         if k == cfg.steps[-1]:
             final_moved = moved
         rows_out.append(res)
@@ -476,6 +501,10 @@ def table(result: dict) -> str:
         line = (f"{r['k']:>4d} {_f(r['prob'])} {_f(r['rouge_l_recall']):>7s} {_f(r['truth_ratio'])} "
                 f"{_f(r['truth_ratio_mean_r'])} {_f(r['recovery'])} {_f(r['retain_prob'])}")
         lines.append(line + "".join(f" {_f(r['moved'].get(u)):>16s}" for u in units))
+    last = result["schedule"][-1]
+    if last.get("grad_share"):
+        lines.append(f"share of the squared loss gradient over the {last['k']} steps: "
+                     + ", ".join(f"{u} {v:.3f}" for u, v in last["grad_share"].items() if v is not None))
     return "\n".join(lines)
 
 

@@ -105,6 +105,9 @@ def test_alter_relearning_through_the_gated_model_recovers(alter_run):
     moved = s[-1]["moved"]
     assert set(moved) == {"shared_a", "retain_expert", "forget_expert_1", "forget_expert_2", "router"}
     assert all(v > 0 for v in moved.values()), moved
+    share = s[-1]["grad_share"]
+    assert set(share) == set(moved) and sum(share.values()) == pytest.approx(1.0)
+    assert share["forget_expert_1"] + share["forget_expert_2"] > 0  # relearning reaches the forget experts
     assert set(res["moved_final"]["per_layer_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                           "up_proj", "down_proj"}
     saved = json.loads((alter_run / "relearn" / "relearn_adapter.json").read_text())
