@@ -273,7 +273,7 @@ def _with_perturbed(rows: list[dict], run, run_dir: Path) -> list[dict]:
 
     try:
         extra = load_tofu_split(f"{run.data.forget_split}_perturbed", _data_source(run, run_dir))
-    except Exception:  # no perturbed split for this source: truth ratio is reported as None
+    except (OSError, ValueError, KeyError):  # no perturbed split for this source: truth ratio is reported as None
         return rows
     by_q = {r["question"]: r for r in extra}
     if not all(r["question"] in by_q for r in rows):
@@ -372,9 +372,15 @@ def relearn(
     progress: bool = True,
     log: Callable[[str], None] = print,
     loaded: LoadedRun | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Run the attack on a finished ``bin/unlearn`` folder; writes ``relearn_<mode>.json`` / ``.png``
-    into ``out`` (default ``<run_dir>/relearn``) and returns the result (module docstring)."""
+    into ``out`` (default ``<run_dir>/relearn``) and returns the result (module docstring).
+
+    ``loaded``: a :func:`load_run` result to reuse (it is not modified). ``reuse`` (a study stage):
+    return the saved result instead of recomputing when ``relearn_<mode>.json`` exists with the
+    same settings.
+    """
     from alter_jax.config import OptimConfig
     from alter_jax.train.checkpoint import write_json_atomic
     from alter_jax.train.loop import model_eval_fns
@@ -384,12 +390,23 @@ def relearn(
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "relearn"
+    if reuse and cfg.mode != "auto":
+        prev = saved_result(out, cfg.mode, cfg)
+        if prev is not None:
+            return prev
     loaded = loaded or load_run(run_dir)
     run, method, tok = loaded.run, loaded.method, loaded.tokenizer
     if run.data.kind != "qa" or "question" not in (loaded.forget[0] if loaded.forget else {}):
         raise ValueError(f"relearn: {run_dir} unlearned plain text (data.kind={run.data.kind!r}); the attack scores "
                          "question/answer rows (TOFU-style runs)")
     mode = resolve_mode(cfg.mode, method)
+    if reuse:
+        prev = saved_result(out, mode, cfg)
+        if prev is not None:
+            return prev
+    if "perturbed_answer" not in loaded.forget[0]:
+        log(f"relearn: no {run.data.forget_split}_perturbed rows for this source: truth ratio not measured")
     lr = cfg.learning_rate(mode)
     fmt, max_length = run.model.prompt_format, run.model.max_length
     eval_bs = cfg.eval_batch_size or run.eval.batch_size
@@ -405,6 +422,7 @@ def relearn(
 
     model, groups, gated = attack_model(loaded, mode, cfg)
     graphdef, trainable, parts = split_model(model, groups)
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # the step donates these; ``loaded`` shares the rest
     tx = make_optimizer({g: lr for g in groups}, OptimConfig(clip_norm=cfg.clip_norm))
     state = init_state(trainable, tx)
     start = flat_params(state.trainable)
@@ -473,12 +491,22 @@ def relearn(
         "base": base, "schedule": rows_out, "moved_final": final_moved, "train_losses": losses,
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(out) if out is not None else run_dir / "relearn"
     write_json_atomic(out / f"relearn_{mode}.json", result)
     plot(result, out / f"relearn_{mode}.png")
     result["files"] = [str(out / f"relearn_{mode}.json"), str(out / f"relearn_{mode}.png")]
     log(table(result))
     return result
+
+
+def saved_result(out: str | Path, mode: str, cfg: RelearnConfig) -> dict | None:
+    """The result saved in ``out`` for ``mode`` if it was made with the settings ``cfg``, else ``None``."""
+    f = Path(out) / f"relearn_{mode}.json"
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return res if {k: v for k, v in res.get("config", {}).items() if k != "mode"} == \
+        {k: v for k, v in want.items() if k != "mode"} else None
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -8,6 +8,7 @@ relearning the held-out forget prob is low; after k steps it rises.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -92,7 +93,8 @@ def alter_run(tmp_path_factory):
 
 
 def test_alter_relearning_through_the_gated_model_recovers(alter_run):
-    res = R.relearn(alter_run, R.RelearnConfig(steps=(0, 2, 6), num_eval=8, reference=False), **QUIET)
+    cfg = R.RelearnConfig(steps=(0, 2, 6), num_eval=8, reference=False)
+    res = R.relearn(alter_run, cfg, **QUIET)
     assert res["gated"] and res["mode"] == "adapter"
     assert set(res["trainable_groups"]) == {"shared_a", "retain_expert", "forget_experts", "router"}
     assert not set(res["split"]["train"]) & set(res["split"]["eval"])  # scored rows are never trained on
@@ -113,6 +115,9 @@ def test_alter_relearning_through_the_gated_model_recovers(alter_run):
     saved = json.loads((alter_run / "relearn" / "relearn_adapter.json").read_text())
     assert saved["schedule"][-1]["prob"] == pytest.approx(s[-1]["prob"])
     assert (alter_run / "relearn" / "relearn_adapter.png").stat().st_size > 0
+    again = R.relearn(alter_run, dataclasses.replace(cfg, mode="adapter"), reuse=True, **QUIET)  # a study rerun
+    assert again["wall_s"] == saved["wall_s"]
+    assert R.saved_result(alter_run / "relearn", "adapter", dataclasses.replace(cfg, seed=1)) is None
 
 
 def test_alter_full_parameter_relearning_stays_gated(alter_run, tmp_path):
