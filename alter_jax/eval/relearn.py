@@ -347,8 +347,8 @@ def score_forget(logits_fn, generate_fn, tok, rows, fmt, max_length, batch_size,
                 "truth_ratio_mean_r": float(np.mean(truth_ratios(log, "eval_log_forget"))),
                 "example_answer": log["generated_text"]["0"][1]}
     qs, ans = [r["question"] for r in rows], [r["answer"] for r in rows]
-    nll, n = score_answers(logits_fn, tok, qs, ans, fmt, max_length, batch_size)
-    _, gens = generate_answers(generate_fn, tok, qs, fmt, batch_size, max_new_tokens=max_new_tokens)
+    nll, n = score_answers(logits_fn, tok, qs, ans, fmt=fmt, max_length=max_length, batch_size=batch_size)
+    _, gens = generate_answers(generate_fn, tok, qs, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return {"prob": float(np.mean(np.exp(-nll / n))), "rouge_l_recall": float(np.mean(rouge_recall(gens, ans)[1])),
             "truth_ratio": None, "truth_ratio_mean_r": None, "example_answer": gens[0] if gens else ""}
 
@@ -358,8 +358,8 @@ def _retain_prob(logits_fn, tok, rows, fmt, max_length, batch_size) -> float | N
 
     if not rows:
         return None
-    nll, n = score_answers(logits_fn, tok, [r["question"] for r in rows], [r["answer"] for r in rows], fmt,
-                           max_length, batch_size)
+    nll, n = score_answers(logits_fn, tok, [r["question"] for r in rows], [r["answer"] for r in rows], fmt=fmt,
+                           max_length=max_length, batch_size=batch_size)
     return float(np.mean(np.exp(-nll / n)))
 
 

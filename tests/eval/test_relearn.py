@@ -146,3 +146,16 @@ def test_ga_baseline_relearning_from_the_cli(tmp_path, capsys):
     assert res["moved_final"]["shared_a"]["relative"] > 0 and res["moved_final"]["retain_expert"]["norm_before"] == 0
     assert main(["relearn", "--run", str(run_dir), "--mode", "adapter"]) == 2  # GA has no adapter: clear error
     assert "--mode adapter needs an adapter run" in capsys.readouterr().err
+
+    # rows without paraphrased / perturbed answers: prob and ROUGE as with them, no truth ratio
+    from alter_jax.generate import model_fns
+
+    loaded = R.load_run(run_dir)
+    lf, gf = model_fns(loaded.model)
+    rows = loaded.forget[:8]
+    tok, args = loaded.tokenizer, ("llama2", 96, 8, 4)  # format, max_length, batch, new tokens: the run's
+    full = R.score_forget(lf, gf, tok, rows, *args)
+    bare = R.score_forget(lf, gf, tok, [{"question": r["question"], "answer": r["answer"]} for r in rows], *args)
+    assert full["truth_ratio"] is not None and bare["truth_ratio"] is None and bare["truth_ratio_mean_r"] is None
+    assert bare["prob"] == pytest.approx(full["prob"], rel=1e-6)
+    assert bare["rouge_l_recall"] == pytest.approx(full["rouge_l_recall"])
