@@ -53,7 +53,7 @@ model seen through ``train.loop.model_eval_fns``: gated for ALTER / AsymLoRA):
 
 Reference: ``base`` holds prob and ROUGE of the model *before* unlearning on ``eval`` and
 ``recovery`` = ``(prob_k − prob_0) / (prob_base − prob_0)`` (share of the unlearned probability
-mass that came back).
+mass that came back; needs ``k = 0`` in the schedule and ``reference``).
 """
 
 from __future__ import annotations
@@ -480,9 +480,10 @@ def relearn(
         rows_out.append(res)
     bar.close()
 
-    p0 = rows_out[0]["prob"]
+    p0 = rows_out[0]["prob"] if rows_out[0]["k"] == 0 else None  # recovery is measured from the unlearned model
     for r in rows_out:
-        r["recovery"] = ((r["prob"] - p0) / (base["prob"] - p0)) if base and abs(base["prob"] - p0) > 1e-12 else None
+        ok = base is not None and p0 is not None and abs(base["prob"] - p0) > 1e-12
+        r["recovery"] = (r["prob"] - p0) / (base["prob"] - p0) if ok else None
     result = {
         "run": str(run_dir), "method": method.name, "mode": mode, "gated": gated, "trainable_groups": list(groups),
         "lr": lr, "config": dataclasses.asdict(cfg), "threshold": loaded.threshold,
