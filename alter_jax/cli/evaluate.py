@@ -2,6 +2,7 @@
 
     bin/evaluate tofu-aggregate --logs DIR [--retain-logs DIR] [--json]
     bin/evaluate tofu --model PATH --out DIR [--data SRC] [--forget-split forget10] [--json OUT] ...
+    bin/evaluate relearn --run RUN [--steps 0,1,2,4,8,16] [--mode auto|adapter|full|lora] ...
 
 Subcommands live in a registry so other modules can add theirs (``mcq``, ``muse``, ...):
 
@@ -265,6 +266,43 @@ def _mcq_args(p: argparse.ArgumentParser) -> Runner:
             from pathlib import Path
 
             Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+        return 0
+
+    return run
+
+
+@subcommand("relearn", help="relearning attack: fine-tune an unlearned run for k steps on part of its forget set, "
+            "report recovery on the rest (ALTER: through the gated forward)")
+def _relearn_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--run", required=True, help="a finished bin/unlearn output folder")
+    p.add_argument("--steps", default="0,1,2,4,8,16", help="schedule of k (increasing, comma list)")
+    p.add_argument("--mode", default="auto", choices=("auto", "adapter", "full", "lora"),
+                   help="attacker parameters: adapter = the run's own adapter (ALTER: A, experts, router), full = every "
+                   "parameter, lora = a fresh LoRA on the merged model (auto: adapter for ALTER / AsymLoRA, else lora)")
+    p.add_argument("--lr", type=float, default=None, help="attacker learning rate (default 1e-3; 1e-4 for full)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--train-frac", type=float, default=0.5, help="share of the forget rows the attacker trains on")
+    p.add_argument("--seed", type=int, default=0, help="split and batch order")
+    p.add_argument("--rank", type=int, default=8, help="lora mode: rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="lora mode: alpha")
+    p.add_argument("--num-eval", type=int, default=0, help="score the first N held-out rows (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length (default: the run's)")
+    p.add_argument("--no-reference", action="store_true", help="skip scoring the model before unlearning")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/relearn)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from alter_jax.eval.relearn import RelearnConfig, relearn
+
+        try:
+            steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"--steps {args.steps!r}: give integers separated by commas, e.g. 0,1,2,4,8") from None
+        cfg = RelearnConfig(steps=steps, mode=args.mode, lr=args.lr, batch_size=args.batch_size,
+                            train_frac=args.train_frac, seed=args.seed, rank=args.rank, alpha=args.alpha,
+                            num_eval=args.num_eval, max_new_tokens=args.max_new_tokens, reference=not args.no_reference)
+        res = relearn(args.run, cfg, out=args.out, progress=not args.no_progress)
+        print("wrote " + ", ".join(res["files"]))
         return 0
 
     return run
