@@ -27,9 +27,11 @@
   - the backward working set: :data:`BACKWARD_SCORE_COPIES` float32 score-sized buffers
     per pullback (0 on XLA: cotangents reuse the freed residuals), plus, with ``remat``,
     the one layer whose residuals are rebuilt;
-  - logits ``b·T·(V/t)·4`` bytes times 4 (logits, log-softmax, softmax, cotangent), +2
-    for ALTER (the A-terms' cotangent and the Tsallis entropy of the drift penalty), +1
-    when a reference forward is needed (KL, NPO), and the final hidden state.
+  - logits ``b·A·(V/t)·4`` bytes times 4 (logits, log-softmax, softmax, cotangent), +5
+    for ALTER (:data:`ALTER_EXTRA_LOGITS_COPIES`), +1
+    when a reference forward is needed (KL), and the final hidden state. ``A`` is the number
+    of positions whose logits are live at once: the scored positions per row (the LM head runs
+    nowhere else; ``T - 1`` in the worst case) or, with ``head_chunk``, one block of them.
 
 The activation constants were checked against XLA's buffer assignment on CPU for small
 models (hidden 32-128, 1-4 layers, vocabulary 64-2048, T 16-128, methods alter, lora_gd,
@@ -67,8 +69,12 @@ SCORE_BYTES_SECOND_PULLBACK = 4
 #: residuals, per pullback. Measured 0: XLA writes the cotangents into the buffers the
 #: layer's residuals free as the backward pass consumes them.
 BACKWARD_SCORE_COPIES = 0.0
-#: float32 ``[b, T, V]`` buffers around the loss: logits, log-softmax, softmax, cotangent.
+#: float32 ``[b, A, V]`` buffers around the loss: logits, log-softmax, softmax, cotangent.
 LOGITS_COPIES = 4
+#: More of them in ALTER's step: the IHL's masked maximum over non-target probabilities, the
+#: Tsallis entropy of the drift penalty, the A-terms' cotangent (measured with the token-statistics
+#: step on CPU: 8.5-8.8 copies in all, ``tests/test_plan.py``).
+ALTER_EXTRA_LOGITS_COPIES = 5
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -211,6 +217,8 @@ def plan_memory(
     *,
     device_bytes: int | None = None,
     remat: bool = False,
+    scored_len: int | None = None,
+    head_chunk: int = 0,
 ) -> MemoryPlan:
     """Per-device memory of one train step of ``method`` (see the module docstring).
 
@@ -218,7 +226,10 @@ def plan_memory(
     retain rows); ``seq_len``: padded tokens per row; ``mesh``: a ``MeshConfig`` (or a
     ``Mesh`` / ``{"data", "fsdp", "tensor"}`` dict); ``device_bytes``: the device's
     memory, for :attr:`MemoryPlan.fits`; ``remat``: per-layer rematerialisation
-    (``ModelSpec.remat``).
+    (``ModelSpec.remat``); ``scored_len``: scored positions per row, where the LM head runs
+    (default ``seq_len - 1``: every position, the worst case of the scored-token head);
+    ``head_chunk``: ``ModelSpec.head_chunk`` (> 0: the head runs in blocks of that many positions,
+    so at most ``min(head_chunk, scored_len)`` positions of logits are live).
     """
     if batch < 1 or seq_len < 1:
         raise ValueError(f"plan_memory: batch={batch} and seq_len={seq_len} must be >= 1.")
@@ -256,8 +267,11 @@ def plan_memory(
     if working:
         comps["activations (backward working set)"] = working
     # ALTER: + the A-terms' cotangent and the Tsallis entropy of the drift penalty
-    n_logits = LOGITS_COPIES + 2 * (pullbacks - 1) + (1 if needs_ref else 0)
-    comps["logits"] = int(n_logits * b * seq_len * _div(model_cfg.vocab_size, t) * 4 + 2 * b * seq_len * model_cfg.hidden_size * a)
+    n_logits = LOGITS_COPIES + ALTER_EXTRA_LOGITS_COPIES * (pullbacks - 1) + (1 if needs_ref else 0)
+    scored = max(1, seq_len - 1) if scored_len is None else max(1, min(scored_len, seq_len))
+    live = min(head_chunk, scored) if head_chunk > 0 else scored
+    comps["logits"] = int(n_logits * b * live * _div(model_cfg.vocab_size, t) * 4
+                          + 2 * b * seq_len * model_cfg.hidden_size * a)
     comps["batch inputs"] = int(b * seq_len * 4 * 4)  # ids, mask, labels, entropy
     return MemoryPlan(
         components=comps,

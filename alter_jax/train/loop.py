@@ -175,7 +175,7 @@ def plan(run: C.RunConfig, device_bytes: int | None = None) -> dict[str, Any]:
     from alter_jax.plan import plan_memory
 
     mem = plan_memory(mcfg, acfg, method, run.train.batch_size * 2, run.model.max_length, run.mesh,
-                      device_bytes=device_bytes, remat=run.model.remat)
+                      device_bytes=device_bytes, remat=run.model.remat, head_chunk=run.model.head_chunk)
     out["memory"] = mem.to_dict()
     out["memory_table"] = mem.table()
     return out
