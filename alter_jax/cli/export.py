@@ -98,6 +98,27 @@ def _check_expert(expert: int, num_experts: int, method: str) -> None:
         raise CliError(f"--expert {expert}: the {method} adapter has experts 0..{num_experts - 1} (0 = retain expert)")
 
 
+def _overlaps(out: Path, folder: Path) -> str | None:
+    """How ``out`` collides with ``folder`` ("is", "contains", "is inside") or None (symlinks resolved)."""
+    o, f = out.expanduser().resolve(), folder.expanduser().resolve()
+    if o == f:
+        return "is"
+    if o in f.parents:
+        return "contains"
+    if f in o.parents:
+        return "is inside"
+    return None
+
+
+def check_out(out: Path, folder: Path, what: str, safe: str) -> None:
+    """Refuse an ``--out`` that is, contains or lies inside ``folder`` (a run or model folder being
+    read): writing there (and ``--overwrite``'s replace) would delete the files it exports from."""
+    how = _overlaps(out, folder)
+    if how is not None:
+        raise CliError(f"--out {out} {how} the {what} {folder}; an export never writes over the files it reads "
+                       f"(--overwrite would delete them). Choose a folder outside it, e.g. --out {safe}")
+
+
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, dtype: str | None = None) -> dict:
     """Write ``fmt`` of the run in ``run_dir`` to ``out``; returns a summary dict."""
     from alter_jax.adapters.inject import adapted_layers, merged_backbone
@@ -107,6 +128,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise CliError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    safe = f"exports/{run_dir.expanduser().resolve().name}_{fmt}"
+    check_out(out, run_dir, "run folder", safe)
     run, method = read_run(run_dir)
     summary = {"run": str(run_dir), "method": method.name, "format": fmt, "out": str(out)}
 
@@ -124,6 +147,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
         return summary
 
     model, tok, extra, base = load_run_model(run_dir, run)
+    check_out(out, Path(base), "base model folder", safe)
     cfg = single_config(adapted_layers(model))
     summary.update(base_model=str(base), num_experts=cfg.num_experts, layers=len(adapted_layers(model)))
     if fmt == "alter":  # validated by the load above; copy the files unchanged
@@ -146,6 +170,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
+    check_out(out, Path(args.run), "run folder", f"exports/{Path(args.run).expanduser().resolve().name}_{args.format}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CliError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
     s = export(args.run, args.format, out, expert=args.expert, dtype=args.dtype)
