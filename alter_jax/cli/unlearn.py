@@ -57,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(info["memory_table"])
         return 0
     from alter_jax import config as C
-    from alter_jax.train.loop import RunConflict, unlearn
+    from alter_jax.train.loop import Diverged, RunConflict, unlearn
 
     try:
         report = unlearn(run, progress=not args.no_progress)
     except (C.ConfigValueError, RunConflict) as e:  # found once the model is loaded: no traceback
         raise CliError(f"{args.config}: {e}") from None
+    except Diverged as e:  # the run itself failed: exit 3, the message names the step and the cause
+        raise CliError(f"{args.config}: {e}", code=3) from None
     print(f"report: {run.output_dir}/report.json   result: {report['result']}")
     return 0
 

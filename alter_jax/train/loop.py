@@ -48,6 +48,44 @@ class RunConflict(RuntimeError):
     """The output folder holds a run made with another config."""
 
 
+class Diverged(RuntimeError):
+    """A step gave a non-finite loss, gradient or parameter; the run stops before saving it."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _divergence_hint(run: C.RunConfig, lrs: dict, phase: str) -> str:
+    rates = ", ".join(f"{g} {v:g}" for g, v in sorted(lrs.items()))
+    low = "fp16 overflow (model.dtype float16) or " if "float16" in (run.model.dtype, run.model.param_dtype) else ""
+    return (f"likely cause: {low}a learning rate too high for this model (phase {phase}: {rates}); lower the "
+            "config.optim.lr* keys or set config.optim.clip_norm (e.g. 1.0)")
+
+
+def check_finite_step(metrics: dict[str, float], step: int, phase: str, run: C.RunConfig, lrs: dict,
+                      ckpt: "RunCheckpointer | None", out: Path) -> None:
+    """Stop a run whose step ``step`` gave a NaN / inf loss term or gradient norm (issue 14)."""
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if not bad:
+        return
+    first = [k for k in ("loss", "grad_norm") if k in bad] or sorted(bad)[:1]
+    what = ", ".join(f"{k} = {bad[k]}" for k in first)
+    if len(bad) > len(first):
+        what += f" (and {', '.join(sorted(set(bad) - set(first)))})"
+    last_good = ckpt.latest_step() if ckpt is not None else None
+    raise Diverged(_diverged_message(f"step {step} ({phase}) gave a non-finite {what}", run, lrs, phase, last_good, out))
+
+
+def _diverged_message(head: str, run, lrs, phase, last_good, out: Path) -> str:
+    keep = (f"the last good checkpoint {out / 'checkpoints' / str(last_good)} is kept" if last_good is not None
+            else "no checkpoint was saved before it")
+    return (f"training diverged: {head}; {_divergence_hint(run, lrs, phase)}. The run stopped without saving the "
+            f"diverged state or a result ({keep}); rerun in a new output_dir.")
+
+
 # ----------------------------------------------------------------------------- loading
 def load_model_and_tokenizer(spec: C.ModelSpec, progress: bool = True):
     from alter_jax.io.hf import load_pretrained, load_tokenizer, resolve_model_dir
@@ -339,6 +377,7 @@ def unlearn(
             step = int(state.step)
             tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
             m = {k: float(v) for k, v in m.items()}
+            check_finite_step(m, step, "main", run, lrs, ckpt, out)
             rate = tokens / (time.perf_counter() - t0)
             _append_jsonl(metrics_file, {"step": step, "epoch": epoch, "phase": "main", **m, "tokens_per_s": rate})
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:.0f}")
@@ -346,6 +385,9 @@ def unlearn(
             last = step >= total_steps
             nxt = {"epoch": epoch, "batch": b_idx + 1}
             if step % run.train.checkpoint_every == 0 or last:
+                if not bool(_all_finite(state.trainable)):  # finite step, but the update overflowed
+                    raise Diverged(_diverged_message(f"the update of step {step} made parameters non-finite", run, lrs,
+                                                     "main", ckpt.latest_step(), out))
                 ckpt.save(step, state, {**nxt, "seed": run.train.seed, "hash": snapshot["hash"]})
             if interrupt_after_step is not None and step == interrupt_after_step:
                 raise KeyboardInterrupt(f"simulated interruption after step {step}")
@@ -353,6 +395,10 @@ def unlearn(
                 done = True
                 break
     bar.close()
+    if not bool(_all_finite(state.trainable)):  # never export a non-finite result (resumed runs included)
+        raise Diverged(f"training diverged: the parameters after step {int(state.step)} (checkpoint "
+                       f"{ckpt.directory / str(ckpt.latest_step())}) are non-finite; {_divergence_hint(run, lrs, 'main')}. "
+                       "No result was saved; rerun in a new output_dir.")
 
     # -- result
     model = _rebuild(graphdef, state.trainable, frozen_parts)
@@ -374,7 +420,8 @@ def unlearn(
 def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
     graphdef, trainable, frozen_parts = split_model(model, ("shared_a", "retain_expert"))
     frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=None)
-    tx = make_optimizer(group_learning_rates(method, run.optim, "phase1"), run.optim)
+    lrs1 = group_learning_rates(method, run.optim, "phase1")
+    tx = make_optimizer(lrs1, run.optim)
     state = init_state(trainable, tx)
     step_fn = jit_train_step(_settings(method, run, threshold, "phase1"), tx)
     if metrics_file.exists():
@@ -384,7 +431,9 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
         for batch in forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
                                            seed=run.train.seed + 7919, epoch=epoch):
             state, m = step_fn(state, frozen, _device_batch(_pad_batch(batch, run.train.batch_size)))
-            _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **{k: float(v) for k, v in m.items()}})
+            m = {k: float(v) for k, v in m.items()}
+            check_finite_step(m, int(state.step), "phase1", run, lrs1, None, metrics_file.parent)
+            _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **m})
             bar.update()
             if int(state.step) >= run.train.phase1_steps:
                 break

@@ -158,3 +158,58 @@ def test_rmu_layer_beyond_the_model_is_named_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "config.loss.rmu_layer = 7: the model has 2 decoder layers; choose 0..1" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """issue 14: at lr 1e38 the loss is NaN from step 2; the run used to finish (exit 0) with an all-NaN
+    adapter and a bare NaN in report.json. Now: exit 3, one line naming the step and the cause, no result."""
+    import orbax.checkpoint as ocp
+
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    out = tmp_path / "div"
+    argv = ["--no-progress", "--config.optim.lr_b=1e38", "--config.optim.lr_a=1e38", "--config.optim.lr_router=1e38",
+            "--config.train.max_steps=4", "--config.train.checkpoint_every=1", "--config.eval.num_questions=2",
+            "--config.eval.max_new_tokens=2", f"--config.output_dir={out}"]
+    with pytest.raises(SystemExit) as e:
+        unlearn_cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 3, err
+    assert "training diverged: step 2 (main) gave a non-finite loss = nan, grad_norm = nan" in err, err
+    assert "learning rate too high" in err and "config.optim.clip_norm" in err, err
+    assert f"last good checkpoint {out / 'checkpoints' / '1'} is kept" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert not (out / "adapter").exists() and not (out / "report.json").exists()  # no non-finite result
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
+    leaves = ocp.StandardCheckpointer().restore((out / "checkpoints" / "1" / "state").absolute())
+    assert leaves and all(np.all(np.isfinite(np.asarray(v))) for v in leaves.values())  # the kept one is finite
+
+    def strict(c):
+        raise ValueError(c)
+
+    rows = [json.loads(l, parse_constant=strict) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]  # strict JSON: the NaN step is not logged
+
+
+def test_non_finite_adapter_is_never_saved_or_loaded(tmp_path):
+    from alter_jax.adapters.inject import adapted_layers
+    from alter_jax.io.alter import AdapterCheckpointError, load_alter_adapter, save_alter_adapter
+    from tests.train.conftest import tiny_model
+
+    model = tiny_model()
+    save_alter_adapter(model, tmp_path / "ok")
+    lin = next(iter(adapted_layers(model).values()))
+    lin.adapter.retain_expert[...] = lin.adapter.retain_expert[...] * np.nan
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) hold NaN or inf .*retain_expert.*never saved"):
+        save_alter_adapter(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    # a NaN adapter written by an older version is refused on load, naming the file
+    from safetensors.numpy import load_file, save_file
+
+    w = tmp_path / "ok" / "alter_adapter.safetensors"
+    t = load_file(w)
+    k = sorted(t)[0]
+    t[k] = np.full_like(t[k], np.inf)
+    save_file(t, str(w), metadata={"format": "alter-adapter", "format_version": "1"})
+    with pytest.raises(AdapterCheckpointError, match=rf"{w}: 1 tensor\(s\) hold NaN or inf .*{k}.*diverged"):
+        load_alter_adapter(tiny_model(None), tmp_path / "ok")
