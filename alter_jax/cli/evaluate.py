@@ -79,14 +79,57 @@ def _tofu_aggregate_args(p: argparse.ArgumentParser) -> Runner:
 
 # ----------------------------------------------------------------------------- tofu
 
+TOFU_DEFAULTS = {"data": "locuslab/TOFU", "forget_split": "forget10", "prompt_format": "auto"}
+
+
+def tofu_settings(args: argparse.Namespace) -> dict:
+    """Fill ``--data / --forget-split / --prompt-format`` left unset: from the run's own config with
+    ``--run`` (a run is scored as it was trained and measured), else the TOFU defaults. Sets them on
+    ``args`` and returns ``{"from": {key: "--flag" | "run" | "default"}}``."""
+    run_cfg = None
+    if getattr(args, "run", None):
+        from pathlib import Path
+
+        from alter_jax import config as C
+
+        cfg_file = Path(args.run) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{args.run}: not a run folder (no config.json); pass the output_dir of bin/unlearn")
+        run_cfg = C.build(json.loads(cfg_file.read_text())["config"])
+        if run_cfg.data.kind != "qa":
+            raise ValueError(f"--run {args.run}: the run trained on plain text (data.kind={run_cfg.data.kind!r}); TOFU "
+                             "scores question/answer rows: pass --data and --forget-split of a TOFU source")
+    src = {}
+    for key, default in TOFU_DEFAULTS.items():
+        if getattr(args, key) is not None:
+            src[key] = "--" + key.replace("_", "-")
+        elif run_cfg is not None:
+            from pathlib import Path
+
+            from alter_jax.train.loop import resolve_data_source
+
+            value = {"data": lambda: resolve_data_source(run_cfg.data, Path(args.run)),
+                     "forget_split": lambda: run_cfg.data.forget_split,
+                     "prompt_format": lambda: run_cfg.model.prompt_format}[key]()
+            setattr(args, key, value)
+            src[key] = "run"
+        else:
+            setattr(args, key, default)
+            src[key] = "default"
+    return {"from": src}
+
+
 
 @subcommand("tofu", help="run the TOFU evaluation on a model (writes legacy logs + summary.json)")
 def _tofu_args(p: argparse.ArgumentParser) -> Runner:
     _model_args(p)
     p.add_argument("--out", required=True, help="output folder for the logs")
-    p.add_argument("--data", default="locuslab/TOFU", help="TOFU folder or hub id (default locuslab/TOFU)")
-    p.add_argument("--forget-split", default="forget10", help="forget01 / forget05 / forget10")
-    p.add_argument("--prompt-format", default="auto", help="auto, llama2, chat, chatml, llama3, zephyr, plain")
+    p.add_argument("--data", default=None, help="TOFU folder or hub id (default: the run's data.source with --run, "
+                   f"else {TOFU_DEFAULTS['data']})")
+    p.add_argument("--forget-split", default=None, help="forget01 / forget05 / forget10 (default: the run's "
+                   f"data.forget_split with --run, else {TOFU_DEFAULTS['forget_split']})")
+    p.add_argument("--prompt-format", default=None, help="auto, llama2, chat, chatml, llama3, zephyr, plain (default: "
+                   f"the run's model.prompt_format with --run, else {TOFU_DEFAULTS['prompt_format']})")
     p.add_argument("--ds-size", type=int, default=300, help="first N rows per split, as TOFU (0 = all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=200, help="scoring length (prompt + answer)")
@@ -99,6 +142,8 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> int:
         from alter_jax.eval.tofu import evaluate_tofu
 
+        used = tofu_settings(args)
+        print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({used['from'][k]})" for k in TOFU_DEFAULTS), file=sys.stderr)
         logits_fn, generate_fn, tok = _load_model(args)
         res = evaluate_tofu(
             logits_fn, generate_fn, tok, args.out, forget_split=args.forget_split, source=args.data,

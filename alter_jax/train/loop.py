@@ -104,10 +104,9 @@ def resolve_run_model(name: str, progress: bool = True) -> Path:
     return ensure_demo_model(progress=progress) if name == DEMO_NAME else resolve_model_dir(name)
 
 
-def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Forget and retain rows from a TOFU source (hub id, local folder or ``synthetic``)."""
-    from alter_jax.data.tofu import load_tofu_split
-
+def resolve_data_source(data: C.DataConfig, output_dir: Path) -> str:
+    """The folder or hub id behind ``data.source`` (``demo``: the demo world; ``synthetic``: written
+    once into ``<output_dir>/data``)."""
     source = data.source
     if source == "demo":
         from alter_jax.demo import ensure_demo_model
@@ -116,10 +115,18 @@ def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[di
     elif source == "synthetic":
         from alter_jax.data.synthetic import write_tofu_folder
 
-        source = str(output_dir / "data")
+        source = str(Path(output_dir) / "data")
         if not (Path(source) / "full.json").exists():
             write_tofu_folder(source, num_authors=data.synthetic_authors, forget_authors=data.synthetic_forget_authors,
                               seed=0)
+    return source
+
+
+def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Forget and retain rows from a TOFU source (hub id, local folder or ``synthetic``)."""
+    from alter_jax.data.tofu import load_tofu_split
+
+    source = resolve_data_source(data, output_dir)
     if data.kind == "text":
         from alter_jax.data.corpus import load_text_split
 
