@@ -237,6 +237,52 @@ def _config_folder(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- the run
+def preflight_model(run: C.RunConfig, method: MethodSpec, model) -> None:
+    """Checks that need the model's layers, run before any expensive step (entropy pass, evaluation)."""
+    if not method.adapter:
+        return
+    from alter_jax.models.llama import TARGET_MODULES, linear_layers
+
+    paths = list(linear_layers(model))
+    bad = [t for t in run.adapter.target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
+    if bad:
+        raise C.ConfigValueError(f"config.adapter.target_modules {bad} match no layer of this model; valid module names "
+                                 f"are {', '.join(TARGET_MODULES)} (or a dotted path such as layers.0.self_attn.q_proj).")
+
+
+def preflight_rows(run: C.RunConfig, method: MethodSpec, rows: dict[str, list]) -> None:
+    """Checks that need the rows, before the backbone pass."""
+    n = len(rows["forget"])
+    if not n or not rows["retain"]:
+        empty = "forget" if not n else "retain"
+        raise C.ConfigValueError(f"config.data.{empty}_split = {getattr(run.data, empty + '_split')!r} gives no rows; "
+                                 "choose a split with rows.")
+    if method.asymmetric and run.data.num_subdomains > n:
+        raise C.ConfigValueError(f"config.data.num_subdomains = {run.data.num_subdomains} exceeds the {n} forget rows "
+                                 f"of {run.data.forget_split!r}; each sub-domain needs rows: use at most {n} "
+                                 "(0 = choose by silhouette).")
+
+
+def entropy_split_report(entropies: np.ndarray, threshold: float, ent: C.EntropyConfig, method: MethodSpec) -> str:
+    """One line: θ and the high-entropy fraction of answer tokens. A method that trains on both sets
+    (ALTER) refuses an empty set, naming the quantile θ sits at and how to choose another threshold."""
+    vals = np.asarray(entropies, np.float64)
+    frac = float(np.mean(vals > threshold)) if vals.size else 0.0
+    line = (f"entropy: θ = {threshold:.4g} ({ent.threshold}), high-entropy answer tokens {100 * frac:.1f} % of "
+            f"{vals.size}")
+    if method.entropy and (frac == 0.0 or frac == 1.0):
+        at = float(np.mean(vals <= threshold)) if vals.size else 0.0
+        qs = np.quantile(vals, [0.5, 0.7, 0.9]) if vals.size else np.zeros(3)
+        side = "low" if frac == 1.0 else "high"
+        raise C.ConfigValueError(
+            f"config.entropy: θ = {threshold:.4g} sits at the {100 * at:.1f} % quantile of the {vals.size} answer-token "
+            f"entropies S_{ent.q:g} (range {vals.min():.3g}..{vals.max():.3g}), so no token is {side}-entropy and "
+            f"method {method.name!r} needs both sets. Choose another threshold: --config.entropy.threshold=quantile "
+            f"--config.entropy.value=0.3 (top 30 % high), or a fixed θ such as --config.entropy.value="
+            f"{qs[1]:.3g} (the 70 % quantile; 50 %: {qs[0]:.3g}, 90 %: {qs[2]:.3g}).")
+    return line
+
+
 def _config_hash(run: C.RunConfig) -> str:
     d = C.to_dict(run)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "log_every")}
@@ -278,7 +324,9 @@ def unlearn(
     model, tok, folder = load_model_and_tokenizer(run.model, progress)
     log(f"model {folder} ({model.cfg.model_type}, {model.cfg.num_params() / 1e6:.1f}M params), method {method.name}")
     bfilter = backbone_filter(method, run.loss, model.cfg.num_layers)  # RMU: a few MLP kernels; else None
+    preflight_model(run, method, model)
     rows = dict(zip(SIDES, load_rows(run.data, out)))
+    preflight_rows(run, method, rows)
     if run.data.kind == "text":
         from alter_jax.data.corpus import encode_texts
 
@@ -291,6 +339,7 @@ def unlearn(
     all_ent = np.concatenate([answer_token_values(arrays[s]) for s in SIDES])
     threshold = fit_threshold(run.entropy.threshold, all_ent, value=run.entropy.value, q=run.entropy.q,
                               vocab_size=model.cfg.vocab_size)
+    log(entropy_split_report(all_ent, threshold, run.entropy, method))
     if method.asymmetric:
         experts, n_sub, sub_info = subdomain_experts(rows["forget"], embeddings["forget"], domain_field=run.data.domain_field,
                                                      num=run.data.num_subdomains, max_num=run.data.max_subdomains,

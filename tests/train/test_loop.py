@@ -213,3 +213,75 @@ def test_non_finite_adapter_is_never_saved_or_loaded(tmp_path):
     save_file(t, str(w), metadata={"format": "alter-adapter", "format_version": "1"})
     with pytest.raises(AdapterCheckpointError, match=rf"{w}: 1 tensor\(s\) hold NaN or inf .*{k}.*diverged"):
         load_alter_adapter(tiny_model(None), tmp_path / "ok")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.adapter.rank=0", "config.adapter.rank = 0; it must be >= 1"),
+    ("--config.train.checkpoint_every=0", "config.train.checkpoint_every = 0; it must be >= 1"),
+    ("--config.train.epochs=0", "config.train.epochs = 0; it must be >= 1 (epochs 0 would save the untrained adapter"),
+    ("--config.train.batch_size=0", "config.train.batch_size = 0; it must be >= 1"),
+    ("--config.optim.lr_b=-1e-3", "config.optim.lr_b = -0.001; a learning rate must be a finite number > 0"),
+    ("--config.optim.lr_b=0", "config.optim.lr_b = 0: method 'alter' trains with it"),
+    ("--config.entropy.q=0", "config.entropy.q = 0.0; it must be > 0"),
+    ("--config.entropy.value=1.5", "config.entropy.value = 1.5 with threshold 'quantile'"),
+    ("--config.data.num_subdomains=-1", "config.data.num_subdomains = -1; it must be >= 0"),
+])
+def test_dry_run_refuses_values_out_of_range(override, message, tmp_path, capsys):
+    """issue 14: --dry-run printed a plan for rank 0 and a negative lr; epochs 0 / checkpoint_every 0 crashed late."""
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        unlearn_cli.main(["--dry-run", override, f"--config.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_unreachable_fixed_theta_and_too_many_subdomains_are_refused_in_validation(capsys):
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    for argv, message in (
+        (["--config.entropy.threshold=fixed", "--config.entropy.value=1.2", "--config.entropy.q=2"],
+         "θ = 1.2 is unreachable with config.entropy.q = 2"),
+        (["--config.data.num_forget=3", "--config.data.num_subdomains=5"],
+         "config.data.num_subdomains = 5 exceeds config.data.num_forget = 3"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            unlearn_cli.main(["--dry-run", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.entropy.threshold=fixed", "--config.entropy.value=1.2"],
+     r"config\.entropy: θ = 1\.2 sits at the 100\.0 % quantile of the \d+ answer-token entropies S_1 .* so no token is "
+     r"high-entropy and method 'alter' needs both sets\. Choose another threshold: --config\.entropy\.threshold=quantile"),
+    (["--config.adapter.target_modules=q_prj"], r"config\.adapter\.target_modules \['q_prj'\] match no layer"),
+    (["--config.data.num_subdomains=100"], r"config\.data\.num_subdomains = 100 exceeds the \d+ forget rows of 'forget25'"),
+])
+def test_run_checks_fail_before_the_first_expensive_step(argv, message, tmp_path, capsys):
+    """issue 14: θ = 1.2 left 0 % of the demo's tokens high-entropy without a word; a bad target module or
+    too many sub-domains failed with a traceback after the 12 s "before" evaluation."""
+    import re
+
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        unlearn_cli.main(["--no-progress", *argv, f"--config.output_dir={out}"])
+    cap = capsys.readouterr()
+    assert e.value.code == 2 and re.search(message, cap.err) and "Traceback" not in cap.err, cap.err
+    assert cap.err.count("\n") == 1, cap.err
+    assert "before" not in cap.out  # refused before the "before" evaluation
+    assert not (out / "checkpoints").exists() and not (out / "report.json").exists()
+
+
+def test_entropy_prepass_reports_the_high_entropy_fraction(tmp_path):
+    logs = []
+    unlearn(demo_run(tmp_path / "r", train={"max_steps": 1, "epochs": 1},
+                     eval={"num_questions": 2, "max_new_tokens": 2, "batch_size": 2}), progress=False, log=logs.append)
+    line = next(str(l) for l in logs if str(l).startswith("entropy: θ = "))
+    info = json.loads((tmp_path / "r" / "data_info.json").read_text())
+    assert f"high-entropy answer tokens {100 * info['high_entropy_fraction']:.1f} %" in line
+    assert 0.25 < info["high_entropy_fraction"] < 0.35  # the demo's quantile threshold: top 30 %
