@@ -14,6 +14,9 @@ from typing import Any
 from alter_jax.adapters.lora import AdapterConfig
 
 
+TRUNCATION_LIMIT = 0.02  # fraction of rows per side that may be cut by model.max_length without allow_truncation
+
+
 class ConfigValueError(ValueError):
     """A config key or value that cannot be used; the message names it and the valid choices."""
 
@@ -82,6 +85,9 @@ class DataConfig:
     domain_field: str = "domain"  # sub-domain labels if the rows have them
     num_subdomains: int = 0  # 0 = choose by silhouette over [2, max_subdomains]
     max_subdomains: int = 4
+    # rows whose prompt + answer exceed model.max_length lose the end of their answer: counted and
+    # warned about; more than TRUNCATION_LIMIT of a side is refused unless this is true
+    allow_truncation: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,8 +283,39 @@ def entropy_split_report(entropies: np.ndarray, threshold: float, ent: C.Entropy
     return line
 
 
+def truncated_rows(arrays: dict, eos_id: int | None) -> np.ndarray:
+    """Indices of encoded rows cut by ``max_length``: every position is real and the last token is not
+    the EOS that ends a complete answer (``encode_qa`` appends it and truncates after)."""
+    full = arrays["attention_mask"][:, -1] > 0
+    if eos_id is not None:
+        full &= arrays["input_ids"][:, -1] != eos_id
+    return np.flatnonzero(full)
+
+
+def check_truncation(run: C.RunConfig, rows: dict, arrays: dict, eos_id: int | None, log) -> dict[str, int]:
+    """Count, warn about and (above :data:`config.TRUNCATION_LIMIT` of a side) refuse answers cut by
+    ``model.max_length`` (issue 14: a short max_length silently scored and trained on cut answers)."""
+    counts = {}
+    for side in SIDES:
+        cut = truncated_rows(arrays[side], eos_id)
+        counts[side] = int(len(cut))
+        if not len(cut):
+            continue
+        n = len(arrays[side]["input_ids"])
+        frac = len(cut) / n
+        msg = (f"config.model.max_length = {run.model.max_length} cuts the answers of {len(cut)} of {n} {side} rows "
+               f"({100 * frac:.1f} %, e.g. row {int(cut[0])}: {rows[side][int(cut[0])]['question'][:50]!r})")
+        if frac > C.TRUNCATION_LIMIT and not run.data.allow_truncation:
+            raise C.ConfigValueError(f"{msg}; more than {100 * C.TRUNCATION_LIMIT:g} % is refused: raise max_length, or "
+                                     "pass --config.data.allow_truncation=True to train and score on the cut answers")
+        log(f"warning: {msg}; they train and score on the cut answer")
+    return counts
+
+
 def _config_hash(run: C.RunConfig) -> str:
     d = C.to_dict(run)
+    if not d["data"]["allow_truncation"]:  # added later: the default keeps older run folders' hash
+        del d["data"]["allow_truncation"]
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "log_every")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -327,12 +358,14 @@ def unlearn(
     preflight_model(run, method, model)
     rows = dict(zip(SIDES, load_rows(run.data, out)))
     preflight_rows(run, method, rows)
+    truncated = None  # text corpora are cut into max_length windows by design
     if run.data.kind == "text":
         from alter_jax.data.corpus import encode_texts
 
         arrays = {s: encode_texts(tok, rows[s], run.model.max_length) for s in SIDES}
     else:
         arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
+        truncated = check_truncation(run, rows, arrays, tok.eos_token_id, log)
     embeddings = {}
     for s in SIDES:
         arrays[s]["entropy"], embeddings[s] = backbone_entropy_and_embeddings(model, arrays[s], run.entropy.q)
@@ -350,7 +383,7 @@ def unlearn(
     arrays["retain"]["expert"] = np.zeros(len(rows["retain"]), np.int32)
     data_info = {"forget": len(rows["forget"]), "retain": len(rows["retain"]), "threshold": float(threshold),
                  "high_entropy_fraction": float(np.mean(all_ent > threshold)), "subdomains": sub_info,
-                 "num_forget_experts": n_sub}
+                 "num_forget_experts": n_sub, "truncated_rows": truncated}
     write_json_atomic(out / "data_info.json", data_info)
 
     # -- before

@@ -285,3 +285,62 @@ def test_entropy_prepass_reports_the_high_entropy_fraction(tmp_path):
     info = json.loads((tmp_path / "r" / "data_info.json").read_text())
     assert f"high-entropy answer tokens {100 * info['high_entropy_fraction']:.1f} %" in line
     assert 0.25 < info["high_entropy_fraction"] < 0.35  # the demo's quantile threshold: top 30 %
+
+
+def _demo_data_copy(dst: Path) -> Path:
+    import shutil
+
+    from alter_jax.demo import ensure_demo_model
+
+    shutil.copytree(ensure_demo_model(progress=False).parent / "data", dst)
+    return dst
+
+
+def test_unlearn_refuses_empty_answers_and_cut_answers(tmp_path, capsys):
+    """issue 14: empty answers and answers cut by max_length were trained and scored without a word."""
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    data = _demo_data_copy(tmp_path / "data")
+    f = data / "forget25.json"
+    text = f.read_text()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    rows[3]["answer"] = ""
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cases = (([f"--config.data.source={data}"], f"{f}, row 3: field 'answer' is empty"),
+             (["--config.model.max_length=40"],
+              r"config.model.max_length = 40 cuts the answers of \d+ of \d+ forget rows \(\d+\.\d %.* more than 2 % is "
+              r"refused: raise max_length, or pass --config.data.allow_truncation=True"))
+    import re
+
+    for i, (argv, message) in enumerate(cases):
+        out = tmp_path / f"r{i}"
+        with pytest.raises(SystemExit) as e:
+            unlearn_cli.main(["--no-progress", *argv, f"--config.output_dir={out}"])
+        cap = capsys.readouterr()
+        assert e.value.code == 2 and re.search(message if i else re.escape(message), cap.err), cap.err
+        assert "Traceback" not in cap.err and cap.err.count("\n") == 1, cap.err
+        assert "before" not in cap.out and not (out / "checkpoints").exists()
+    assert json.loads(f.read_text().splitlines()[3])["answer"] == ""  # the user's file is untouched
+
+
+def test_truncation_is_counted_and_allowed_only_on_request():
+    from alter_jax.demo import ensure_demo_model
+    from alter_jax.io.hf import load_tokenizer
+    from alter_jax.train.loop import check_truncation, load_rows
+    from alter_jax.train.prepare import encode
+
+    run = C.build(with_defaults(load_config_file(REPO / "configs" / "demo.py")))
+    tok = load_tokenizer(ensure_demo_model(progress=False))
+    rows = dict(zip(("forget", "retain"), load_rows(run.data, Path("unused"))))
+    arrays = {s: encode(tok, rows[s], "llama2", 96) for s in rows}
+    assert check_truncation(run, rows, arrays, tok.eos_token_id, print) == {"forget": 0, "retain": 0}
+    arrays = {s: encode(tok, rows[s], "llama2", 40) for s in rows}
+    allowed = dataclasses.replace(run, data=dataclasses.replace(run.data, allow_truncation=True),
+                                  model=dataclasses.replace(run.model, max_length=40))
+    logs = []
+    counts = check_truncation(allowed, rows, arrays, tok.eos_token_id, logs.append)
+    assert counts["forget"] > 0 and len(logs) == sum(1 for v in counts.values() if v)
+    assert logs[0].startswith(f"warning: config.model.max_length = 40 cuts the answers of {counts['forget']} of "
+                              f"{len(rows['forget'])} forget rows")
+    with pytest.raises(C.ConfigValueError, match="more than 2 % is refused"):
+        check_truncation(dataclasses.replace(allowed, data=run.data), rows, arrays, tok.eos_token_id, logs.append)
