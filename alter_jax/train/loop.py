@@ -339,9 +339,57 @@ def unlearn(
 
     ``interrupt_after_step`` simulates a crash right after that step's checkpoint (tests).
     """
-    t_start = time.perf_counter()
     out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise C.ConfigValueError(f"config.output_dir = {run.output_dir!r} is a file, not a folder; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = run_lock(out)
+    except (PermissionError, FileNotFoundError, OSError) as e:
+        raise C.ConfigValueError(f"config.output_dir = {run.output_dir!r} cannot be written ({e.strerror}: "
+                                 f"{e.filename}); choose a folder you can write to") from None
+    with lock:
+        return _unlearn(run, out, progress=progress, log=log, interrupt_after_step=interrupt_after_step)
+
+
+LOCK_FILE = ".lock"
+
+
+def run_lock(out: Path):
+    """An exclusive ``flock`` on ``<out>/.lock`` held for the whole run (released when the process ends,
+    even on ``kill -9``); a second run into the same folder raises :class:`RunConflict` naming the
+    holder's PID (issue 14: two runs interleaved metrics.jsonl). Returns a context manager."""
+    import contextlib
+    import fcntl
+    import os
+
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunConflict(f"{out} is in use by another run (PID {holder}); wait for it to finish, stop it, or choose "
+                          "another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    return held()
+
+
+def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str], None],
+             interrupt_after_step: int | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
     snapshot = {"config": C.to_dict(run), "hash": _config_hash(run)}
     if (out / "config.json").exists():
         prev = json.loads((out / "config.json").read_text())

@@ -344,3 +344,58 @@ def test_truncation_is_counted_and_allowed_only_on_request():
                               f"{len(rows['forget'])} forget rows")
     with pytest.raises(C.ConfigValueError, match="more than 2 % is refused"):
         check_truncation(dataclasses.replace(allowed, data=run.data), rows, arrays, tok.eos_token_id, logs.append)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_with_the_holders_pid(tmp_path, capsys):
+    """issue 14: two runs into one output_dir interleaved metrics.jsonl."""
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from pathlib import Path; from alter_jax.train.loop import run_lock\n"
+                               "with run_lock(Path(sys.argv[2])):\n print('held', flush=True); time.sleep(60)",
+                               str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            unlearn_cli.main(["--no-progress", f"--config.output_dir={out}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{out} is in use by another run (PID {holder.pid})" in err, err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl"]  # nothing written, nothing lost
+        assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    finally:
+        holder.kill()
+        holder.wait()
+    from alter_jax.train.loop import run_lock
+
+    with run_lock(out):  # kill -9 of the holder released it
+        assert (out / ".lock").read_text().strip() == str(__import__("os").getpid())
+
+
+def test_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
+    import os
+
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        cases = [(f, "is a file, not a folder")]
+        if os.geteuid() != 0:
+            cases.append((ro / "run", "cannot be written (Permission denied"))
+        else:  # root writes into read-only folders; /sys refuses new entries to everyone
+            cases.append((Path("/sys/alter_jax_test/run"), "cannot be written (Operation not permitted"))
+        for out, message in cases:
+            with pytest.raises(SystemExit) as e:
+                unlearn_cli.main(["--no-progress", f"--config.output_dir={out}"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+        assert f.read_text() == "x"
+    finally:
+        os.chmod(ro, 0o700)
