@@ -312,6 +312,32 @@ def check_truncation(run: C.RunConfig, rows: dict, arrays: dict, eos_id: int | N
     return counts
 
 
+def config_snapshot(run: C.RunConfig) -> dict:
+    """What ``config.json`` of a run folder holds: the resolved config and its hash."""
+    return {"config": C.to_dict(run), "hash": _config_hash(run)}
+
+
+def config_diff(old: dict, new: dict, limit: int = 6) -> str:
+    """``"optim.lr_b (0.001 there, 0.0005 now), ..."`` over the keys that enter the config hash."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v  # JSON gives lists for tuples
+        return out
+
+    a, b = flat(old), flat(new)
+    skip = {"train.checkpoint_every", "train.log_every"}
+    keys = [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)
+            and not (k == "data.allow_truncation" and not a.get(k) and not b.get(k))]
+    fmt = lambda v: "unset" if v is None else repr(v)  # noqa: E731
+    parts = [f"{k} ({fmt(a.get(k))} there, {fmt(b.get(k))} now)" for k in keys[:limit]]
+    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def _config_hash(run: C.RunConfig) -> str:
     d = C.to_dict(run)
     if not d["data"]["allow_truncation"]:  # added later: the default keeps older run folders' hash
@@ -390,12 +416,13 @@ def run_lock(out: Path):
 def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str], None],
              interrupt_after_step: int | None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    snapshot = {"config": C.to_dict(run), "hash": _config_hash(run)}
+    snapshot = config_snapshot(run)
     if (out / "config.json").exists():
         prev = json.loads((out / "config.json").read_text())
         if prev.get("hash") != snapshot["hash"]:
-            raise RunConflict(f"{out} holds a run with a different config (hash {prev.get('hash')}); "
-                              "choose a new output_dir or delete the folder.")
+            diff = config_diff(prev.get("config", {}), snapshot["config"])
+            raise RunConflict(f"{out} holds a run with a different config: {diff or 'hash ' + str(prev.get('hash'))}; "
+                              "rerun with the folder's values, choose a new output_dir, or delete the folder.")
     write_json_atomic(out / "config.json", snapshot)
     method = get_method(run.train.method)
 
