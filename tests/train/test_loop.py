@@ -399,3 +399,33 @@ def test_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
         assert f.read_text() == "x"
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_corrupt_checkpoint_is_one_line_naming_the_step_and_the_previous_one(tmp_path, capsys):
+    """issue 14: a truncated checkpoint's message was buried under asyncio tracebacks."""
+    from alter_jax.cli import unlearn as unlearn_cli
+
+    out = tmp_path / "r"
+    argv = ["--no-progress", "--config.train.max_steps=3", "--config.train.checkpoint_every=1", "--config.train.epochs=1",
+            "--config.eval.num_questions=2", "--config.eval.max_new_tokens=2", "--config.eval.batch_size=2",
+            f"--config.output_dir={out}"]
+    from alter_jax.cli.common import build_run_config, split_overrides
+
+    rest, ov = split_overrides(argv)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(build_run_config(REPO / "configs" / "demo.py", ov), progress=False, log=lambda *_: None,
+                interrupt_after_step=2)
+    data = [f for f in (out / "checkpoints" / "2" / "state").rglob("*") if f.is_file() and "ocdbt.process" in str(f)
+            and f.parent.name == "d"]
+    assert data
+    for f in data:  # truncated files, as after a full disk
+        f.write_bytes(f.read_bytes()[:10])
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "unlearn"), *argv], capture_output=True, text=True,
+                          timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in err and "Event loop" not in err and err.count("\n") == 1, err
+    ck = out / "checkpoints"
+    assert f"checkpoint {ck / '2'} cannot be restored (step 2; " in err, err
+    assert f"delete {ck / '2'} and rerun the same command to resume from step 1 (the previous checkpoint" in err, err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing deleted for the user
