@@ -198,11 +198,11 @@ def _mcq_args(p: argparse.ArgumentParser) -> Runner:
         from alter_jax.data.mcq import load_mcq
         from alter_jax.eval.mcq import evaluate_mcq
 
-        logits_fn, _, tok = _load_model(args)
+        tasks = {t: load_mcq(t, limit=args.limit) for t in [t.strip() for t in args.tasks.split(",") if t.strip()]}
+        logits_fn, _, tok = _load_model(args)  # after the questions: a bad task name fails before the model loads
         results = {}
-        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-            res = evaluate_mcq(load_mcq(task, limit=args.limit), logits_fn, tok, batch_size=args.batch_size,
-                               progress=not args.no_progress)
+        for task, items in tasks.items():
+            res = evaluate_mcq(items, logits_fn, tok, batch_size=args.batch_size, progress=not args.no_progress)
             results[task] = {"accuracy": res.accuracy, "macro_accuracy": res.macro_accuracy,
                              "per_subject": res.per_subject}
             print(f"{task:24s} accuracy {res.accuracy:.4f}  (n={len(res.predictions)})")

@@ -66,3 +66,20 @@ def test_tofu_on_a_run_uses_the_runs_format_data_and_split(tmp_path, capsys):
                               *common]) == 0
     assert "prompt_format plain (--prompt-format)" in capsys.readouterr().err
     assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["config"]["prompt_format"] == "plain"
+
+
+def test_mcq_hub_task_offline_fails_at_once_listing_the_tasks(tmp_path):
+    """issue 14: ``mcq --tasks wmdp-chem`` spent 28 s on hub retries and never listed the valid task names."""
+    import os
+    import time
+
+    env = {**os.environ, "HF_ENDPOINT": "https://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}  # nothing listens
+    env.pop("HF_HUB_OFFLINE", None)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "evaluate"), "mcq", "--model", str(tmp_path / "unused"),
+                           "--tasks", "wmdp-chem", "--no-progress"], capture_output=True, text=True, timeout=120, env=env)
+    took = time.perf_counter() - t
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'cais/wmdp' config 'wmdp-chem'" in proc.stderr and "hub is not reachable" in proc.stderr, proc.stderr
+    assert "Valid tasks: wmdp-bio, wmdp-cyber, wmdp-chem, mmlu, mmlu:<subject>" in proc.stderr
+    assert took < 30, took  # no retry back-off (start-up included)
