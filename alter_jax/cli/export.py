@@ -18,9 +18,11 @@ Formats (``RUN_DIR`` holds ``config.json`` and ``adapter/`` or ``model/``):
   as a plain ``LlamaForCausalLM`` / ``MistralForCausalLM``. A full-parameter run's
   ``model/`` is re-saved as is.
 
-Note: a single expert under hard routing is not ALTER's gated inference; ``merged`` /
-``peft`` of expert 0 is the "retain path" of the model, the usual deployment choice when
-the gated forward is unavailable.
+WARNING: a single expert under hard routing is not ALTER's gated inference. ``merged`` /
+``peft`` of expert 0 is the retain expert, which has NOT forgotten the forget set; a forget
+expert forgets but damages retain answers. Neither is what the run measured; each such
+export prints this and writes it into the export's README.md. Only ``alter`` (with
+alter-jax's gated forward) reproduces the run's figures.
 """
 
 from __future__ import annotations
@@ -162,9 +164,29 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
         from alter_jax.io.peft import save_peft_adapter
 
         save_peft_adapter(model, out, expert=expert, base_model_name_or_path=str(base))
-        return summary
-    save_pretrained(merged_backbone(model, expert), out, dtype=dtype, tokenizer=tok)
+    else:
+        save_pretrained(merged_backbone(model, expert), out, dtype=dtype, tokenizer=tok)
+    if method.asymmetric:
+        summary["warning"] = single_expert_warning(method.name, expert, cfg.num_experts)
+        _write_readme(out, summary)
     return summary
+
+
+def single_expert_warning(method: str, expert: int, num_experts: int) -> str:
+    """Why a PEFT / merged export of an ALTER / AsymLoRA run is not the model the run measured."""
+    which = ("expert 0 is the retain expert: it was trained to keep answers, so this model has NOT forgotten the "
+             "forget set" if expert == 0 else
+             f"expert {expert} is a forget expert: it forgets its sub-domain but, used for every token, also damages "
+             "answers it should keep")
+    return (f"this {method} export holds one expert under hard routing, not the entropy-gated mixture the run "
+            f"evaluated (Eq. 9): {which}. The run's forget/retain figures hold only through alter-jax's gated forward "
+            f"(bin/export --format alter, then alter_jax.io.alter.load_alter_adapter); experts 0..{num_experts - 1}.")
+
+
+def _write_readme(out: Path, summary: dict) -> None:
+    text = (f"# {summary['format']} export of {summary['run']} ({summary['method']}, expert {summary['expert']})\n\n"
+            f"**WARNING: {summary['warning']}**\n")
+    (out / "README.md").write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             "peft": f"PEFT LoRA of expert {s.get('expert')}",
             "merged": f"merged Hugging Face model (expert {s.get('expert', '-')})"}[args.format]
     print(f"{what} of {s['run']} ({s['method']}) -> {s['out']}")
+    if "warning" in s:
+        print(f"WARNING: {s['warning']} (also in {Path(s['out']) / 'README.md'})", file=sys.stderr)
     return 0
 
 

@@ -172,3 +172,22 @@ def test_export_never_writes_over_the_run_or_the_base_model(alter_run, tmp_path,
     # the safe choice works
     assert export_cli.main(["--run", str(run), "--format", "alter", "--out", str(tmp_path / "exports" / "r_alter")]) == 0
     assert _tree(run) == before_run
+
+
+def test_single_expert_export_of_alter_warns_loudly_and_in_its_readme(alter_run, tmp_path, capsys):
+    """issue 14: ALTER's PEFT / merged exports do not forget (expert 0 is the retain expert) and said nothing."""
+    before = _tree(alter_run)
+    for fmt, expert in (("peft", 0), ("merged", 0), ("peft", 1)):
+        out = tmp_path / f"{fmt}{expert}"
+        assert export_cli.main(["--run", str(alter_run), "--format", fmt, "--expert", str(expert), "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "WARNING: this alter export holds one expert under hard routing, not the entropy-gated mixture" in err
+        readme = (out / "README.md").read_text()
+        assert "WARNING" in readme and "bin/export --format alter" in readme
+        if expert == 0:
+            assert "has NOT forgotten the forget set" in err and "has NOT forgotten" in readme
+        else:
+            assert "expert 1 is a forget expert" in readme
+    assert export_cli.main(["--run", str(alter_run), "--format", "alter", "--out", str(tmp_path / "a")]) == 0
+    assert "WARNING" not in capsys.readouterr().err and not (tmp_path / "a" / "README.md").exists()
+    assert _tree(alter_run) == before
