@@ -37,7 +37,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, fh, indent=2, default=_json_default)
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; honour the user's umask
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(o):
