@@ -223,7 +223,7 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if len(text) <= limit:
         return text
-    return text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text[:limit].rsplit(" ", 1)[0] + " [...]"
 
 
 def _missing_folder_hint(raw: str) -> str | None:

@@ -91,4 +91,4 @@ def test_hub_failure_says_there_is_no_local_folder_either(monkeypatch):
     msg = str(e.value)
     assert msg.startswith("no local folder 'someone/somemodel' exists, and hub model 'someone/somemodel' could not be "
                           "fetched"), msg
-    assert "look-ups a." not in msg and " ..." in msg or "look-ups and more" in msg  # never cut mid-word
+    assert "look-ups a." not in msg and " [...]" in msg or "look-ups and more" in msg  # never cut mid-word
