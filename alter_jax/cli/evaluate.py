@@ -164,6 +164,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / id (default: the model's)")
 
 
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """A cheap check of ``--run`` before slower work (question sets, the model)."""
+    from pathlib import Path
+
+    if getattr(args, "run", None) and not (Path(args.run) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.run}: not a run folder (no config.json); pass the output_dir of bin/unlearn")
+
+
 def _load_model(args: argparse.Namespace):
     """(logits_fn, generate_fn, tokenizer) for --model or --run."""
     from alter_jax.io.hf import load_tokenizer
@@ -198,6 +206,7 @@ def _mcq_args(p: argparse.ArgumentParser) -> Runner:
         from alter_jax.data.mcq import load_mcq
         from alter_jax.eval.mcq import evaluate_mcq
 
+        _check_run_folder(args)
         tasks = {t: load_mcq(t, limit=args.limit) for t in [t.strip() for t in args.tasks.split(",") if t.strip()]}
         logits_fn, _, tok = _load_model(args)  # after the questions: a bad task name fails before the model loads
         results = {}
