@@ -312,6 +312,16 @@ def check_truncation(run: C.RunConfig, rows: dict, arrays: dict, eos_id: int | N
     return counts
 
 
+def _finished_report(out: Path) -> dict | None:
+    """The report of a finished run folder whose result is still there, else None."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    result = Path(report.get("result", ""))
+    return report if result.name and result.exists() else None
+
+
 def config_snapshot(run: C.RunConfig) -> dict:
     """What ``config.json`` of a run folder holds: the resolved config and its hash."""
     return {"config": C.to_dict(run), "hash": _config_hash(run)}
@@ -423,6 +433,11 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
             diff = config_diff(prev.get("config", {}), snapshot["config"])
             raise RunConflict(f"{out} holds a run with a different config: {diff or 'hash ' + str(prev.get('hash'))}; "
                               "rerun with the folder's values, choose a new output_dir, or delete the folder.")
+        done = _finished_report(out)
+        if done is not None:  # nothing to do: say so at once (issue 14: 47 s of loading and evaluating)
+            log(f"{out} holds a finished run with this config (report.json, result {done['result']}); nothing to do. "
+                "Choose a new output_dir to run again.")
+            return done
     write_json_atomic(out / "config.json", snapshot)
     method = get_method(run.train.method)
 

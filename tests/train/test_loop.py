@@ -278,13 +278,24 @@ def test_run_checks_fail_before_the_first_expensive_step(argv, message, tmp_path
 
 
 def test_entropy_prepass_reports_the_high_entropy_fraction(tmp_path):
+    import time
+
     logs = []
-    unlearn(demo_run(tmp_path / "r", train={"max_steps": 1, "epochs": 1},
-                     eval={"num_questions": 2, "max_new_tokens": 2, "batch_size": 2}), progress=False, log=logs.append)
+    run = demo_run(tmp_path / "r", train={"max_steps": 1, "epochs": 1},
+                   eval={"num_questions": 2, "max_new_tokens": 2, "batch_size": 2})
+    first = unlearn(run, progress=False, log=logs.append)
     line = next(str(l) for l in logs if str(l).startswith("entropy: θ = "))
     info = json.loads((tmp_path / "r" / "data_info.json").read_text())
     assert f"high-entropy answer tokens {100 * info['high_entropy_fraction']:.1f} %" in line
     assert 0.25 < info["high_entropy_fraction"] < 0.35  # the demo's quantile threshold: top 30 %
+    # issue 14: re-running a finished run took 47 s to say it was finished
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file() and p.name != ".lock"}
+    logs.clear()
+    t = time.perf_counter()
+    again = unlearn(run, progress=False, log=logs.append)
+    assert time.perf_counter() - t < 2 and again == first
+    assert len(logs) == 1 and "holds a finished run with this config" in logs[0] and "nothing to do" in logs[0]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def _demo_data_copy(dst: Path) -> Path:
