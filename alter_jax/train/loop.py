@@ -65,6 +65,16 @@ def _divergence_hint(run: C.RunConfig, lrs: dict, phase: str) -> str:
             "config.optim.lr* keys or set config.optim.clip_norm (e.g. 1.0)")
 
 
+def collapse_warnings(before: dict, after: dict, run: C.RunConfig, lrs: dict) -> list[str]:
+    """Finite but destroyed results (issue 14: lr 1e6 gave a model of uniform noise): the retain answer
+    probability falling below half of its value before unlearning is reported, with the likely cause."""
+    rb, ra = before["retain"]["answer_prob"], after["retain"]["answer_prob"]
+    if not (np.isfinite(ra) and ra >= 0.5 * rb):
+        return [f"retain answer prob fell from {rb:.4f} to {ra:.4f} (below half): the model lost what it should keep; "
+                f"{_divergence_hint(run, lrs, 'main')}"]
+    return []
+
+
 def check_finite_step(metrics: dict[str, float], step: int, phase: str, run: C.RunConfig, lrs: dict,
                       ckpt: "RunCheckpointer | None", out: Path) -> None:
     """Stop a run whose step ``step`` gave a NaN / inf loss term or gradient norm (issue 14)."""
@@ -584,9 +594,12 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     result_dir = _export(model, method, run, out, tok, threshold, data_info)
     lf, gf = model_eval_fns(model, method, run.entropy, threshold)
     after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval) for s in SIDES}
+    warnings = collapse_warnings(before, after, run, lrs)
+    for w in warnings:
+        log(f"warning: {w}")
     report = {
         "method": method.name, "model": str(folder), "steps": int(state.step), "result": str(result_dir),
-        "before": before, "after": after, "data": data_info, "learning_rates": lrs,
+        "before": before, "after": after, "data": data_info, "learning_rates": lrs, "warnings": warnings,
         "trainable_params": {g: count_params(s) for g, s in state.trainable.items()},
         "wall_s": time.perf_counter() - t_start,
     }

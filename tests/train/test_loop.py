@@ -31,6 +31,7 @@ def test_demo_forgets_and_keeps(tmp_path):
     assert b["forget"]["answer_prob"] > 0.9  # the demo model knows the authors
     assert a["forget"]["answer_prob"] < 0.5 * b["forget"]["answer_prob"]
     assert a["retain"]["answer_prob"] > 0.9 * b["retain"]["answer_prob"]
+    assert report["warnings"] == []
     out = tmp_path / "demo"
     for f in ("report.json", "metrics.jsonl", "config.json", "plots/loss.png", "plots/entropy_hist.png",
               "adapter/alter_adapter.safetensors"):
@@ -440,3 +441,17 @@ def test_corrupt_checkpoint_is_one_line_naming_the_step_and_the_previous_one(tmp
     assert f"checkpoint {ck / '2'} cannot be restored (step 2; " in err, err
     assert f"delete {ck / '2'} and rerun the same command to resume from step 1 (the previous checkpoint" in err, err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing deleted for the user
+
+
+def test_a_destroyed_but_finite_result_is_reported(tmp_path):
+    """issue 14: at lr 1e6 the run saved a model of uniform noise without a word (measured: retain prob
+    0.99 -> 0.001)."""
+    logs = []
+    report = unlearn(demo_run(tmp_path / "r", optim={"lr_b": 1e6, "lr_a": 1e6, "lr_router": 1e6},
+                              train={"max_steps": 6, "epochs": 1},
+                              eval={"num_questions": 8, "max_new_tokens": 2, "batch_size": 8}),
+                     progress=False, log=logs.append)
+    (w,) = report["warnings"]
+    assert w.startswith("retain answer prob fell from") and "(below half)" in w and "learning rate too high" in w
+    assert f"warning: {w}" in logs
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["warnings"] == [w]
