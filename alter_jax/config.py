@@ -14,6 +14,9 @@ from typing import Any
 from alter_jax.adapters.lora import AdapterConfig
 
 
+TRUNCATION_LIMIT = 0.02  # fraction of rows per side that may be cut by model.max_length without allow_truncation
+
+
 class ConfigValueError(ValueError):
     """A config key or value that cannot be used; the message names it and the valid choices."""
 
@@ -88,6 +91,9 @@ class DataConfig:
     domain_field: str = "domain"  # sub-domain labels if the rows have them
     num_subdomains: int = 0  # 0 = choose by silhouette over [2, max_subdomains]
     max_subdomains: int = 4
+    # rows whose prompt + answer exceed model.max_length lose the end of their answer: counted and
+    # warned about; more than TRUNCATION_LIMIT of a side is refused unless this is true
+    allow_truncation: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +214,79 @@ def build(cfg: Any) -> RunConfig:
 
     if run.train.method not in METHODS:
         raise ConfigValueError(f"config.train.method = {run.train.method!r}; choose one of {', '.join(METHODS)}.")
+    check_ranges(run)
     return run
+
+
+# (section, key, lower bound, inclusive, why): values outside make a run crash late (ZeroDivisionError),
+# train nothing (epochs 0 saves the untrained adapter as the result) or destroy the model (lr < 0).
+_RANGES = (
+    ("adapter", "rank", 1, True, "the LoRA rank r"),
+    ("adapter", "alpha", 0.0, False, "the LoRA scale alpha / r"),
+    ("adapter", "top_k", 1, True, "experts kept per token"),
+    ("train", "epochs", 1, True, "epochs 0 would save the untrained adapter as the result"),
+    ("train", "batch_size", 1, True, "forget (and as many retain) rows per step"),
+    ("train", "checkpoint_every", 1, True, "steps between checkpoints"),
+    ("train", "log_every", 1, True, "steps between log lines"),
+    ("train", "max_steps", 0, True, "0 = the epochs decide"),
+    ("train", "phase1_steps", 0, True, "0 = no phase I"),
+    ("optim", "grad_accum", 1, True, "micro-batches per step"),
+    ("optim", "warmup_steps", 0, True, "linear warm-up steps"),
+    ("optim", "clip_norm", 0.0, True, "0 = no clipping"),
+    ("optim", "weight_decay", 0.0, True, "AdamW decay"),
+    ("entropy", "q", 0.0, False, "the Tsallis order (1 = Shannon)"),
+    ("model", "max_length", 2, True, "tokens per row (prompt + answer)"),
+    ("data", "num_forget", 0, True, "0 = all rows"),
+    ("data", "num_retain", 0, True, "0 = all rows"),
+    ("data", "num_subdomains", 0, True, "0 = chosen by silhouette"),
+    ("data", "max_subdomains", 2, True, "the silhouette search range is [2, max_subdomains]"),
+    ("eval", "batch_size", 1, True, "rows per evaluation batch"),
+    ("eval", "max_new_tokens", 1, True, "tokens generated per answer"),
+    ("eval", "num_questions", 0, True, "0 = all"),
+    ("mesh", "data", 1, True, "devices on the data axis"),
+    ("mesh", "fsdp", 1, True, "devices on the fsdp axis"),
+    ("mesh", "tensor", 1, True, "devices on the tensor axis"),
+)
+
+
+def check_ranges(run: RunConfig) -> None:
+    """Value ranges that the types cannot express (issue 14); each error names the key, the value,
+    the valid range and why."""
+    for section, key, low, inclusive, why in _RANGES:
+        v = getattr(getattr(run, section), key)
+        if not (v >= low if inclusive else v > low) or v != v:
+            raise ConfigValueError(f"config.{section}.{key} = {v!r}; it must be {'>=' if inclusive else '>'} {low} ({why}).")
+    for key in ("lr", "lr_a", "lr_b", "lr_router", "lr_phase1"):
+        v = getattr(run.optim, key)
+        if not v >= 0 or v == float("inf"):
+            raise ConfigValueError(f"config.optim.{key} = {v!r}; a learning rate must be a finite number > 0 (a negative "
+                                   "one ascends the loss and destroys the model).")
+    from alter_jax.train.methods import METHODS
+
+    m = METHODS[run.train.method]
+    main = ("lr_b",) if m.asymmetric else ("lr",)  # lr_a = 0 (A frozen) and lr_router = 0 stay possible ablations
+    if m.phase1 and run.train.phase1_steps > 0:
+        main += ("lr_phase1",)
+    for key in main:
+        if getattr(run.optim, key) == 0:
+            raise ConfigValueError(f"config.optim.{key} = 0: method {m.name!r} trains with it, so nothing would change; "
+                                   "give a learning rate > 0 (e.g. 1e-3 for lr_b, 1e-5 for lr / lr_a).")
+    e = run.entropy
+    if e.threshold == "quantile" and not 0.0 < e.value < 1.0:
+        raise ConfigValueError(f"config.entropy.value = {e.value!r} with threshold 'quantile' is the fraction of answer "
+                               "tokens that are high-entropy; it must lie strictly between 0 and 1 (e.g. 0.3).")
+    if e.threshold == "fixed":
+        if not (e.value >= 0 and e.value != float("inf")):
+            raise ConfigValueError(f"config.entropy.value = {e.value!r}: the fixed threshold θ must be a finite number >= 0.")
+        if e.q > 1.0 and e.value >= 1.0 / (e.q - 1.0):
+            raise ConfigValueError(
+                f"config.entropy.value = θ = {e.value:g} is unreachable with config.entropy.q = {e.q:g}: Tsallis entropy "
+                f"satisfies S_q < 1/(q-1) = {1.0 / (e.q - 1.0):g}, so no token would be high-entropy. Lower q below "
+                f"{1.0 + 1.0 / e.value:.3g} if θ > 0, lower θ, or use config.entropy.threshold=quantile (value 0.3).")
+    if run.data.num_subdomains and run.data.num_forget and run.data.num_subdomains > run.data.num_forget:
+        raise ConfigValueError(f"config.data.num_subdomains = {run.data.num_subdomains} exceeds config.data.num_forget = "
+                               f"{run.data.num_forget} forget rows; each sub-domain needs at least one row (0 = choose "
+                               "by silhouette).")
 
 
 def to_dict(run: RunConfig) -> dict:

@@ -15,4 +15,4 @@ def get_config():
                        retain="bio-retain-corpus", source="cais/wmdp-corpora", output_dir="runs/wmdp_llama3")
     cfg.model.max_length = 512
     cfg.data.kind = "text"
-        return cfg
+    return cfg

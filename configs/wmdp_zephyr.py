@@ -19,4 +19,4 @@ def get_config():
                        retain="bio-retain-corpus", source="cais/wmdp-corpora", output_dir="runs/wmdp_zephyr")
     cfg.model.max_length = 512
     cfg.data.kind = "text"
-        return cfg
+    return cfg

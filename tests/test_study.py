@@ -52,6 +52,12 @@ def test_quick_study_report_and_resume(tofu_dir, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Command: `test`" in md and "| alter |" in md and "Real Authors" in md
     assert (tmp_path / "out" / "fq_vs_mu.png").stat().st_size > 1000
+    # issue 14: --quick printed "Model Utility 0.000" for every model; its 1-epoch full model has not learned
+    # the data (retain prob ~0.003), so MU / FQ are reported as not measurable instead
+    assert rows["full"]["utility_parts"]["Retain Prob."] < S.LEARNED_PROB and report["full_learned"] is False
+    assert "**Not measurable: the full model has not learned its training data (retain prob" in md
+    assert "| alter | n/a | n/a |" in md and "Not checked:" in md
+    assert all(r["mu_vs_full"] is None for r in rows.values())
 
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("summary.json")}
     second = S.run_study(cfg, command="test", log=lambda *_: None)

@@ -91,11 +91,21 @@ def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate ``--config.x=y`` overrides from the other arguments."""
     rest, overrides = [], []
-    for a in argv:
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config.") and "=" not in a:  # "--config.optim.lr_b 5e-4": the value is the next word
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise CliError(f"override {a} needs a value: {a}=VALUE (or {a} VALUE)")
+            overrides.append(f"{a[2:]}={argv[i + 1]}")
+            i += 2
+            continue
         if a.startswith("--config."):
             overrides.append(a[2:])
         else:
             rest.append(a)
+        i += 1
     return rest, overrides
 
 

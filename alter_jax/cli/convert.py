@@ -65,6 +65,17 @@ def _copy_folder(src: Path, out: Path, say) -> Path:
     return out
 
 
+def check_out(out: Path) -> None:
+    """Refuse an OUT that is a file, or a non-empty folder not written by an earlier conversion."""
+    from alter_jax.io.gguf import MARKER_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_FILE).is_file():
+        raise ValueError(f"output folder {out} is not empty and was not written by bin/convert; choose a new or empty "
+                         "folder (nothing was converted)")
+
+
 def run(args: argparse.Namespace) -> Path:
     from alter_jax.io.gguf import convert_gguf_to_hf
     from alter_jax.models.registry import locate_model
@@ -77,6 +88,7 @@ def run(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
     if src.lower().endswith(".gguf") and not Path(src).expanduser().is_file():
         raise FileNotFoundError(f"GGUF file not found: {Path(src).expanduser()}")
+    check_out(out)  # before the download / dequantization, which can take minutes
     say(f"resolving {src}")
     kind, path = locate_model(src, offline=True if args.offline else None, progress=say)
     if kind == "gguf":

@@ -81,6 +81,46 @@ def _tofu_aggregate_args(p: argparse.ArgumentParser) -> Runner:
 
 # ----------------------------------------------------------------------------- tofu
 
+TOFU_DEFAULTS = {"data": "locuslab/TOFU", "forget_split": "forget10", "prompt_format": "auto"}
+
+
+def tofu_settings(args: argparse.Namespace) -> dict:
+    """Fill ``--data / --forget-split / --prompt-format`` left unset: from the run's own config with
+    ``--run`` (a run is scored as it was trained and measured), else the TOFU defaults. Sets them on
+    ``args`` and returns ``{"from": {key: "--flag" | "run" | "default"}}``."""
+    run_cfg = None
+    if getattr(args, "run", None):
+        from pathlib import Path
+
+        from alter_jax import config as C
+
+        cfg_file = Path(args.run) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{args.run}: not a run folder (no config.json); pass the output_dir of bin/unlearn")
+        run_cfg = C.build(json.loads(cfg_file.read_text())["config"])
+        if run_cfg.data.kind != "qa":
+            raise ValueError(f"--run {args.run}: the run trained on plain text (data.kind={run_cfg.data.kind!r}); TOFU "
+                             "scores question/answer rows: pass --data and --forget-split of a TOFU source")
+    src = {}
+    for key, default in TOFU_DEFAULTS.items():
+        if getattr(args, key) is not None:
+            src[key] = "--" + key.replace("_", "-")
+        elif run_cfg is not None:
+            from pathlib import Path
+
+            from alter_jax.train.loop import resolve_data_source
+
+            value = {"data": lambda: resolve_data_source(run_cfg.data, Path(args.run)),
+                     "forget_split": lambda: run_cfg.data.forget_split,
+                     "prompt_format": lambda: run_cfg.model.prompt_format}[key]()
+            setattr(args, key, value)
+            src[key] = "run"
+        else:
+            setattr(args, key, default)
+            src[key] = "default"
+    return {"from": src}
+
+
 
 TOFU_METRICS_HELP = """\
 metrics (docs/eval_definitions.md gives each formula and its source):
@@ -111,9 +151,12 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
     p.epilog = TOFU_METRICS_HELP
     _model_args(p)
     p.add_argument("--out", required=True, help="output folder for the logs")
-    p.add_argument("--data", default="locuslab/TOFU", help="TOFU folder or hub id (default locuslab/TOFU)")
-    p.add_argument("--forget-split", default="forget10", help="forget01 / forget05 / forget10")
-    p.add_argument("--prompt-format", default="auto", help="auto, llama2, chat, chatml, llama3, zephyr, plain")
+    p.add_argument("--data", default=None, help="TOFU folder or hub id (default: the run's data.source with --run, "
+                   f"else {TOFU_DEFAULTS['data']})")
+    p.add_argument("--forget-split", default=None, help="forget01 / forget05 / forget10 (default: the run's "
+                   f"data.forget_split with --run, else {TOFU_DEFAULTS['forget_split']})")
+    p.add_argument("--prompt-format", default=None, help="auto, llama2, chat, chatml, llama3, zephyr, plain (default: "
+                   f"the run's model.prompt_format with --run, else {TOFU_DEFAULTS['prompt_format']})")
     p.add_argument("--system-prompt", default=None,
                    help="system message for chat formats: a preset (helpful, helpful-dated, or an open-unlearning "
                         "model config name such as Llama-3.2-1B-Instruct, which adds its date line) or literal text; "
@@ -144,6 +187,8 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> int:
         from alter_jax.eval.tofu import evaluate_tofu
 
+        used = tofu_settings(args)
+        print("settings: " + ", ".join(f"{k} {getattr(args, k)} ({used['from'][k]})" for k in TOFU_DEFAULTS), file=sys.stderr)
         attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
         logits_fn, generate_fn, tok, model, forward = _load_model_tofu(args)
         gradnorm_fn = None
@@ -220,6 +265,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / id (default: the model's)")
 
 
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """A cheap check of ``--run`` before slower work (question sets, the model)."""
+    from pathlib import Path
+
+    if getattr(args, "run", None) and not (Path(args.run) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.run}: not a run folder (no config.json); pass the output_dir of bin/unlearn")
+
+
 def _load_model(args: argparse.Namespace):
     """(logits_fn, generate_fn, tokenizer) for --model or --run."""
     from alter_jax.io.hf import load_tokenizer
@@ -254,11 +307,12 @@ def _mcq_args(p: argparse.ArgumentParser) -> Runner:
         from alter_jax.data.mcq import load_mcq
         from alter_jax.eval.mcq import evaluate_mcq
 
-        logits_fn, _, tok = _load_model(args)
+        _check_run_folder(args)
+        tasks = {t: load_mcq(t, limit=args.limit) for t in [t.strip() for t in args.tasks.split(",") if t.strip()]}
+        logits_fn, _, tok = _load_model(args)  # after the questions: a bad task name fails before the model loads
         results = {}
-        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-            res = evaluate_mcq(load_mcq(task, limit=args.limit), logits_fn, tok, batch_size=args.batch_size,
-                               progress=not args.no_progress)
+        for task, items in tasks.items():
+            res = evaluate_mcq(items, logits_fn, tok, batch_size=args.batch_size, progress=not args.no_progress)
             results[task] = {"accuracy": res.accuracy, "macro_accuracy": res.macro_accuracy,
                              "per_subject": res.per_subject}
             print(f"{task:24s} accuracy {res.accuracy:.4f}  (n={len(res.predictions)})")

@@ -18,9 +18,11 @@ Formats (``RUN_DIR`` holds ``config.json`` and ``adapter/`` or ``model/``):
   as a plain ``LlamaForCausalLM`` / ``MistralForCausalLM``. A full-parameter run's
   ``model/`` is re-saved as is.
 
-Note: a single expert under hard routing is not ALTER's gated inference; ``merged`` /
-``peft`` of expert 0 is the "retain path" of the model, the usual deployment choice when
-the gated forward is unavailable.
+WARNING: a single expert under hard routing is not ALTER's gated inference. ``merged`` /
+``peft`` of expert 0 is the retain expert, which has NOT forgotten the forget set; a forget
+expert forgets but damages retain answers. Neither is what the run measured; each such
+export prints this and writes it into the export's README.md. Only ``alter`` (with
+alter-jax's gated forward) reproduces the run's figures.
 """
 
 from __future__ import annotations
@@ -98,6 +100,27 @@ def _check_expert(expert: int, num_experts: int, method: str) -> None:
         raise CliError(f"--expert {expert}: the {method} adapter has experts 0..{num_experts - 1} (0 = retain expert)")
 
 
+def _overlaps(out: Path, folder: Path) -> str | None:
+    """How ``out`` collides with ``folder`` ("is", "contains", "is inside") or None (symlinks resolved)."""
+    o, f = out.expanduser().resolve(), folder.expanduser().resolve()
+    if o == f:
+        return "is"
+    if o in f.parents:
+        return "contains"
+    if f in o.parents:
+        return "is inside"
+    return None
+
+
+def check_out(out: Path, folder: Path, what: str, safe: str) -> None:
+    """Refuse an ``--out`` that is, contains or lies inside ``folder`` (a run or model folder being
+    read): writing there (and ``--overwrite``'s replace) would delete the files it exports from."""
+    how = _overlaps(out, folder)
+    if how is not None:
+        raise CliError(f"--out {out} {how} the {what} {folder}; an export never writes over the files it reads "
+                       f"(--overwrite would delete them). Choose a folder outside it, e.g. --out {safe}")
+
+
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, dtype: str | None = None) -> dict:
     """Write ``fmt`` of the run in ``run_dir`` to ``out``; returns a summary dict."""
     from alter_jax.adapters.inject import adapted_layers, merged_backbone
@@ -107,6 +130,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise CliError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    safe = f"exports/{run_dir.expanduser().resolve().name}_{fmt}"
+    check_out(out, run_dir, "run folder", safe)
     run, method = read_run(run_dir)
     summary = {"run": str(run_dir), "method": method.name, "format": fmt, "out": str(out)}
 
@@ -124,6 +149,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
         return summary
 
     model, tok, extra, base = load_run_model(run_dir, run)
+    check_out(out, Path(base), "base model folder", safe)
     cfg = single_config(adapted_layers(model))
     summary.update(base_model=str(base), num_experts=cfg.num_experts, layers=len(adapted_layers(model)))
     if fmt == "alter":  # validated by the load above; copy the files unchanged
@@ -138,14 +164,35 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
         from alter_jax.io.peft import save_peft_adapter
 
         save_peft_adapter(model, out, expert=expert, base_model_name_or_path=str(base))
-        return summary
-    save_pretrained(merged_backbone(model, expert), out, dtype=dtype, tokenizer=tok)
+    else:
+        save_pretrained(merged_backbone(model, expert), out, dtype=dtype, tokenizer=tok)
+    if method.asymmetric:
+        summary["warning"] = single_expert_warning(method.name, expert, cfg.num_experts)
+        _write_readme(out, summary)
     return summary
+
+
+def single_expert_warning(method: str, expert: int, num_experts: int) -> str:
+    """Why a PEFT / merged export of an ALTER / AsymLoRA run is not the model the run measured."""
+    which = ("expert 0 is the retain expert: it was trained to keep answers, so this model has NOT forgotten the "
+             "forget set" if expert == 0 else
+             f"expert {expert} is a forget expert: it forgets its sub-domain but, used for every token, also damages "
+             "answers it should keep")
+    return (f"this {method} export holds one expert under hard routing, not the entropy-gated mixture the run "
+            f"evaluated (Eq. 9): {which}. The run's forget/retain figures hold only through alter-jax's gated forward "
+            f"(bin/export --format alter, then alter_jax.io.alter.load_alter_adapter); experts 0..{num_experts - 1}.")
+
+
+def _write_readme(out: Path, summary: dict) -> None:
+    text = (f"# {summary['format']} export of {summary['run']} ({summary['method']}, expert {summary['expert']})\n\n"
+            f"**WARNING: {summary['warning']}**\n")
+    (out / "README.md").write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
+    check_out(out, Path(args.run), "run folder", f"exports/{Path(args.run).expanduser().resolve().name}_{args.format}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CliError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
     s = export(args.run, args.format, out, expert=args.expert, dtype=args.dtype)
@@ -153,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             "peft": f"PEFT LoRA of expert {s.get('expert')}",
             "merged": f"merged Hugging Face model (expert {s.get('expert', '-')})"}[args.format]
     print(f"{what} of {s['run']} ({s['method']}) -> {s['out']}")
+    if "warning" in s:
+        print(f"WARNING: {s['warning']} (also in {Path(s['out']) / 'README.md'})", file=sys.stderr)
     return 0
 
 

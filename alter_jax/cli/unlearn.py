@@ -28,7 +28,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--device-gb", type=float, default=None, help="with --dry-run: say whether the run fits devices of this many GiB")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error (default: one line)")
     return p
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (OSError: its strerror and file)."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +67,31 @@ def main(argv: list[str] | None = None) -> int:
                 print(info["memory_table"])
         return 0
     from alter_jax import config as C
-    from alter_jax.train.loop import RunConflict, unlearn
+    from alter_jax.train.loop import Diverged, RunConflict, unlearn
+
+    from alter_jax.train.checkpoint import CheckpointCorrupt
 
     try:
         report = unlearn(run, progress=not args.no_progress)
     except (C.ConfigValueError, RunConflict) as e:  # found once the model is loaded: no traceback
+        if args.debug:
+            raise
         raise CliError(f"{args.config}: {e}") from None
+    except Diverged as e:  # the run itself failed: exit 3, the message names the step and the cause
+        if args.debug:
+            raise
+        raise CliError(f"{args.config}: {e}", code=3) from None
+    except (CheckpointCorrupt, ValueError, OSError) as e:  # data, model and checkpoint errors name file and fix
+        if args.debug:
+            raise
+        # orbax's aborted restore leaves asyncio callbacks that complain "Event loop is closed" when collected
+        sys.unraisablehook = lambda _u: None
+        raise CliError(f"{args.config}: {one_line(e)} (--debug shows the traceback)") from None
+    except Exception as e:  # anything else is a bug: one line, exit 1, the traceback on request
+        if args.debug:
+            raise
+        raise CliError(f"{args.config}: internal error {type(e).__name__}: {one_line(e)}; rerun with --debug for the "
+                       "traceback and report it", code=1) from None
     print(f"report: {run.output_dir}/report.json   result: {report['result']}")
     return 0
 

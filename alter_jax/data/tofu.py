@@ -155,6 +155,10 @@ def validate_rows(rows: Sequence[Any], name: str, origin: str = "<rows>", num_pe
             if f == "perturbed_answer":
                 if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                     raise TofuDataError(f"{where}: field 'perturbed_answer' must be a list of strings, got {type(v).__name__}")
+                empty = [j for j, x in enumerate(v) if not x.strip()]
+                if empty:
+                    raise TofuDataError(f"{where}: field 'perturbed_answer' entry {empty[0]} is empty; an empty answer "
+                                        "scores no tokens and distorts every figure: fill it in or remove the row")
                 if n_pert is not None and len(v) != n_pert:
                     raise TofuDataError(
                         f"{where}: field 'perturbed_answer' has {len(v)} answers, expected {n_pert} for split "
@@ -163,6 +167,10 @@ def validate_rows(rows: Sequence[Any], name: str, origin: str = "<rows>", num_pe
                     )
             elif not isinstance(v, str):
                 raise TofuDataError(f"{where}: field {f!r} must be a string, got {type(v).__name__}")
+            elif not v.strip():
+                raise TofuDataError(f"{where}: field {f!r} is empty; an empty {f.replace('_', ' ')} scores no tokens and "
+                                    "distorts every figure (a forget prob of 0.50 instead of 0.99): fill it in or remove "
+                                    "the row")
 
 
 def load_tofu_split(

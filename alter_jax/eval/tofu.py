@@ -631,7 +631,17 @@ def _values(log: Mapping, key: str, where: str) -> np.ndarray:
         raise TofuLogsError(f"{where}: missing metric {key!r} (has {', '.join(sorted(log))}); re-run the evaluation")
     d = log[key]
     keys = sorted(d, key=lambda s: int(s))
-    return np.asarray([d[k] for k in keys], dtype=np.float64)
+    try:
+        vals = np.asarray([d[k] for k in keys], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TofuLogsError(f"{where}: metric {key!r} holds non-numeric values; re-run the evaluation") from None
+    bad = [k for k, v in zip(keys, vals) if not np.all(np.isfinite(v))]
+    if bad:
+        raise TofuLogsError(
+            f"{where}: metric {key!r} is NaN or inf for {len(bad)} of {len(keys)} questions (first: question {bad[0]}); "
+            "every figure built on it would be NaN. Re-run the evaluation that wrote this file (a diverged model, or "
+            "rows whose answer scored no tokens, give these)")
+    return vals
 
 
 def truth_ratios(log: Mapping, where: str = "log") -> np.ndarray:
@@ -657,9 +667,10 @@ def truth_ratio_prob_mean(log: Mapping, where: str = "log") -> float:
     return float(np.mean(c / (c + w + 1e-10)))
 
 
-def task_scores(log: Mapping, file_name: str) -> dict[str, float]:
-    """Prob., ROUGE and Truth Ratio of one log (formulas by file name, as TOFU)."""
-    where = file_name
+def task_scores(log: Mapping, file_name: str, where: str | None = None) -> dict[str, float]:
+    """Prob., ROUGE and Truth Ratio of one log (formulas by file name, as TOFU); ``where`` names the
+    file in errors (default ``file_name``)."""
+    where = where or file_name
     avg_gt = _values(log, "avg_gt_loss", where)
     if "eval_log" in file_name:
         prob = float(np.mean(np.exp(-avg_gt)))
@@ -695,7 +706,7 @@ def split_metrics(log: Mapping, task: str) -> dict[str, float | None]:
     return out
 
 
-def model_utility(logs: Mapping[str, Mapping]) -> tuple[float, dict[str, float]]:
+def model_utility(logs: Mapping[str, Mapping], folder: str | os.PathLike | None = None) -> tuple[float, dict[str, float]]:
     """Harmonic mean of the 9 non-forget numbers -> ``(model_utility, parts)``."""
     from scipy.stats import hmean
 
@@ -703,17 +714,23 @@ def model_utility(logs: Mapping[str, Mapping]) -> tuple[float, dict[str, float]]
     for fname, display in LOG_FILES.items():
         if display == "Forget":
             continue
-        for metric, v in task_scores(logs[fname], fname).items():
+        for metric, v in task_scores(logs[fname], fname, _where(folder, fname)).items():
             parts[f"{display} {metric}"] = v
     return float(hmean(list(parts.values()))), parts
 
 
-def forget_quality(logs: Mapping[str, Mapping], retain_logs: Mapping[str, Mapping]) -> tuple[float, float]:
+def _where(folder, fname: str) -> str:
+    return fname if folder is None else str(Path(folder) / fname)
+
+
+def forget_quality(logs: Mapping[str, Mapping], retain_logs: Mapping[str, Mapping], folder=None,
+                   retain_folder=None) -> tuple[float, float]:
     """KS test of the forget-split truth ratios, model vs retain model -> ``(p-value, statistic)``."""
     from scipy.stats import ks_2samp
 
-    a = truth_ratios(logs["eval_log_forget.json"], "eval_log_forget.json")
-    b = truth_ratios(retain_logs["eval_log_forget.json"], "retain eval_log_forget.json")
+    a = truth_ratios(logs["eval_log_forget.json"], _where(folder, "eval_log_forget.json"))
+    b = truth_ratios(retain_logs["eval_log_forget.json"],
+                     _where(retain_folder, "eval_log_forget.json") if retain_folder else "retain eval_log_forget.json")
     if len(a) != len(b):
         warnings.warn(f"forget quality: {len(a)} forget questions for the model but {len(b)} for the retain model")
     res = ks_2samp(a, b)
@@ -916,15 +933,16 @@ def aggregate(logs_dir: str | os.PathLike, retain_logs_dir: str | os.PathLike | 
     ``"metrics"`` is the flat object of :func:`metrics_object` (MIA from the folder's
     ``TOFU_EVAL.json`` when present)."""
     logs = read_logs(logs_dir)
-    mu, parts = model_utility(logs)
-    forget = {f"Forget {k}": v for k, v in task_scores(logs["eval_log_forget.json"], "eval_log_forget.json").items()}
+    mu, parts = model_utility(logs, logs_dir)
+    forget = {f"Forget {k}": v for k, v in task_scores(logs["eval_log_forget.json"], "eval_log_forget.json",
+                                                       _where(logs_dir, "eval_log_forget.json")).items()}
     out: dict[str, Any] = {"model_utility": mu, "parts": parts, "forget": forget,
                            "forget_quality": None, "ks_statistic": None,
                            "logs": str(logs_dir), "retain_logs": None if retain_logs_dir is None else str(retain_logs_dir)}
     retain = None
     if retain_logs_dir is not None:
         retain = read_logs(retain_logs_dir, required=("eval_log_forget.json",))
-        fq, ks = forget_quality(logs, retain)
+        fq, ks = forget_quality(logs, retain, logs_dir, retain_logs_dir)
         out["forget_quality"], out["ks_statistic"] = fq, ks
     ou = _ou_file(Path(logs_dir))
     mia, holdout = mia_from_tofu_eval(_load_json(ou)) if ou is not None else (None, "none")

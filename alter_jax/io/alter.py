@@ -122,6 +122,11 @@ def _json_default(o: Any):
     raise TypeError(f"extra value of type {type(o).__name__} is not JSON serialisable; pass numbers, strings, lists or dicts.")
 
 
+def nonfinite_tensors(tensors: dict[str, np.ndarray]) -> list[str]:
+    """Names of the tensors holding a NaN or an inf (sorted)."""
+    return sorted(k for k, v in tensors.items() if not np.all(np.isfinite(v)))
+
+
 # ----------------------------------------------------------------------------- save
 def save_alter_adapter(model: Transformer, out_dir: str | os.PathLike, *, extra: dict | None = None) -> Path:
     """Write every adapter group of ``model`` and its config to ``out_dir`` (atomically).
@@ -150,6 +155,10 @@ def save_alter_adapter(model: Transformer, out_dir: str | os.PathLike, *, extra:
             if var is not None:
                 arr = np.asarray(jax.device_get(var[...]), dtype=np.float32)
                 tensors[f"{hf_layer_name(path)}.{group}"] = np.ascontiguousarray(arr)
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise ValueError(f"save_alter_adapter: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''}); a diverged adapter is never saved. Lower the learning rate.")
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -282,6 +291,12 @@ def load_alter_adapter(model: Transformer, adapter_dir: str | os.PathLike) -> tu
                 f"(rank {cfg.rank}) imply {shape}. The adapter was trained on a different model; load the matching backbone."
             )
 
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise AdapterCheckpointError(
+            f"{w_file}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+            "the run that wrote it diverged. Rerun it with a lower learning rate in a new output_dir."
+        )
     add_adapters(model, cfg)
     for name, path in zip(layer_names, paths):
         ad = linears[path].adapter

@@ -489,6 +489,12 @@ def convert_gguf_to_hf(
         tensors[gguf_to_hf_name(t.name)] = w
         if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
             say(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
+    if config["attention_bias"]:  # HF Llama's attention_bias covers q/k/v/o: a file without o biases gets zeros
+        for layer in range(config["num_hidden_layers"]):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                name = f"model.layers.{layer}.self_attn.{proj}"
+                if f"{name}.bias" not in tensors and f"{name}.weight" in tensors:
+                    tensors[f"{name}.bias"] = np.zeros(tensors[f"{name}.weight"].shape[0], np.float32)
     emb = tensors["model.embed_tokens.weight"]
     if emb.shape != (config["vocab_size"], config["hidden_size"]):
         raise GGUFConversionError(

@@ -226,6 +226,9 @@ def atomic_dir(out_dir: Path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
             yield tmp
+            mask = os.umask(0o022)
+            os.umask(mask)
+            tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700 folders; honour the user's umask
             if out_dir.exists():
                 old = out_dir.with_name(out_dir.name + ".old")
                 shutil.rmtree(old, ignore_errors=True)

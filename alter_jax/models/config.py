@@ -12,6 +12,9 @@ from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# hidden_act values of transformers' ACT2FN that Llama / Mistral configs use; the MLP applies the same
+# function (alter_jax.models.llama.ACTIVATIONS): silu, exact (erf) gelu, tanh-approximated gelu, relu
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 
 
 class ConfigError(ValueError):
@@ -40,8 +43,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v/o projections carry biases (HF Llama's attention_bias)
     mlp_bias: bool = False
+    hidden_act: str = "silu"  # the MLP's gate activation (SUPPORTED_ACTIVATIONS)
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -120,6 +124,14 @@ class ModelConfig:
             keep["rope_type"] = rope_type
             rope_scaling = None if rope_type == "default" else tuple(sorted(keep.items()))
 
+        act = cfg.get("hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported; alter-jax implements "
+                              f"{', '.join(SUPPORTED_ACTIVATIONS)} (transformers' names).")
+        prf = cfg.get("partial_rotary_factor", 1.0)
+        if prf is not None and float(prf) != 1.0:
+            raise ConfigError(f"{source}: partial_rotary_factor {prf!r} (rotary embeddings on part of each head) is "
+                              "not supported; alter-jax rotates the whole head (partial_rotary_factor 1.0).")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         sliding = cfg.get("sliding_window") if model_type == "mistral" else None
@@ -140,8 +152,10 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=None if sliding is None else int(sliding),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            # transformers' Mistral has no biases whatever its config says
+            attention_bias=model_type == "llama" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=model_type == "llama" and bool(cfg.get("mlp_bias", False)),
+            hidden_act=act,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
@@ -178,7 +192,7 @@ class ModelConfig:
             "rope_scaling": self.rope_scaling_dict(),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,

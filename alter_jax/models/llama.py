@@ -145,7 +145,7 @@ class Attention(nnx.Module):
         self.q_proj = AdaptableLinear(d, h * dh, **lin)
         self.k_proj = AdaptableLinear(d, k * dh, **lin)
         self.v_proj = AdaptableLinear(d, k * dh, **lin)
-        self.o_proj = AdaptableLinear(h * dh, d, **{**lin, "use_bias": False})
+        self.o_proj = AdaptableLinear(h * dh, d, **lin)  # HF Llama: attention_bias covers o_proj too
         self.cfg = cfg
 
     def __call__(self, x, positions, inv_freq, mask, kv: tuple[jax.Array, jax.Array] | None, index, adapter_ctx):
@@ -164,6 +164,17 @@ class Attention(nnx.Module):
         return out, (k, v)
 
 
+# config.json hidden_act -> function, as transformers' ACT2FN: "gelu" is the exact (erf) GELU,
+# "gelu_new" and "gelu_pytorch_tanh" are both the tanh approximation
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -171,9 +182,11 @@ class MLP(nnx.Module):
         self.gate_proj = AdaptableLinear(d, f, **lin)
         self.up_proj = AdaptableLinear(d, f, **lin)
         self.down_proj = AdaptableLinear(f, d, **lin)
+        self.act = cfg.hidden_act
 
     def __call__(self, x, adapter_ctx):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, adapter_ctx)) * self.up_proj(x, adapter_ctx), adapter_ctx)
+        act = ACTIVATIONS[self.act]
+        return self.down_proj(act(self.gate_proj(x, adapter_ctx)) * self.up_proj(x, adapter_ctx), adapter_ctx)
 
 
 class DecoderLayer(nnx.Module):

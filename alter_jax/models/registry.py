@@ -218,6 +218,30 @@ def _snapshot(hub_id: str, offline: bool) -> Path:
 # --------------------------------------------------------------------------- entry point
 
 
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error, shortened at a word boundary (never cut mid-word)."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " [...]"
+
+
+def _missing_folder_hint(raw: str) -> str | None:
+    """For ``models/smolm2`` when ``models/`` is a local folder: the message naming the near misses."""
+    import difflib
+
+    p = Path(raw).expanduser()
+    parent = p.parent
+    if str(parent) in ("", ".") or not parent.is_dir():
+        return None
+    entries = sorted(x.name for x in parent.iterdir() if x.is_dir() or x.suffix.lower() == ".gguf")
+    close = difflib.get_close_matches(p.name, entries, n=3, cutoff=0.6)
+    near = f"; did you mean {', '.join(str(parent / c) for c in close)}?" if close else (
+        f"; {parent}/ holds {', '.join(entries[:8]) or 'no model folders'}")
+    return (f"no folder {raw!r} here ({parent}/ is a local folder, so this is not read as a hub id owner/name)"
+            f"{near}")
+
+
 def _looks_like_path(s: str) -> bool:
     """Hub ids are exactly `owner/name`; anything else with path syntax is a (missing) path."""
     return s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") != 1 or s.endswith("/")
@@ -250,8 +274,7 @@ def locate_model(
         try:
             return "folder", _snapshot(entry.hub_id, is_offline)
         except Exception as err:  # noqa: BLE001 - hub unreachable / not cached: use the GGUF fallback
-            reason = str(err).splitlines()[0][:160] if str(err) else ""
-            hub_error = f"{type(err).__name__}: {reason}"
+            hub_error = f"{type(err).__name__}: {_first_line(err)}"
         gguf_file = find_distribution_gguf(entry)
         if gguf_file is not None:
             if progress:
@@ -273,15 +296,18 @@ def locate_model(
         raise ModelResolutionError(
             f"{raw!r} is not an existing local folder, a .gguf file, a registry name ({known}) or a hub id (owner/name)"
         )
+    hint = _missing_folder_hint(raw)
+    if hint is not None:  # a mistyped local path: say so at once, no hub look-up
+        raise ModelResolutionError(hint)
     try:
         return "folder", _snapshot(raw, is_offline)
     except ModelResolutionError:
         raise
     except Exception as err:  # noqa: BLE001
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise ModelResolutionError(
-            f"could not get hub model {raw!r}{' (offline: HF_HUB_OFFLINE is set)' if is_offline else ''}: "
-            f"{type(err).__name__}: {reason}. Pass a local folder, a .gguf file, or one of: {', '.join(sorted(REGISTRY))}"
+            f"no local folder {raw!r} exists, and hub model {raw!r} could not be fetched"
+            f"{' (offline: HF_HUB_OFFLINE is set)' if is_offline else ''}: {type(err).__name__}: {_first_line(err)}. "
+            f"Pass a local folder, a .gguf file, or one of: {', '.join(sorted(REGISTRY))}"
         ) from err
 
 

@@ -279,7 +279,10 @@ def run_config(cfg: StudyConfig, name: str, model_dir: Path, data_dir: Path, out
         entropy=C.EntropyConfig(q=float(a["alter_q"]), threshold="quantile", value=float(a["alter_threshold"])),
         optim=C.OptimConfig(lr=lr, lr_a=float(a["alter_lr_a"]), lr_b=float(a["alter_lr_b"]),
                             lr_router=float(a["alter_lr_router"])),
-        data=C.DataConfig(source=str(data_dir.resolve()), forget_split="forget", retain_split="retain"),
+        # the study's small BPE tokenizer makes long answers: at max_length 96 (--quick) 60 % of the forget
+        # rows are cut (issue 14 made that visible); the study keeps its settings, the loop logs the count
+        data=C.DataConfig(source=str(data_dir.resolve()), forget_split="forget", retain_split="retain",
+                          allow_truncation=True),
         train=C.TrainConfig(method=method, epochs=int(a["unlearn_epochs"]) if method == "alter" else cfg.unlearn_epochs,
                             batch_size=cfg.unlearn_batch, seed=cfg.seed, checkpoint_every=1000),
         eval=C.EvalConfig(batch_size=8, max_new_tokens=8, num_questions=8),
@@ -376,9 +379,22 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
                 row["alter_settings"] = _alter_settings(specs[name][1])
         rows[name] = row
     full_mu = rows.get("full", {}).get("model_utility")
+    learned = full_learned(rows)
     for r in rows.values():
-        r["mu_vs_full"] = r["model_utility"] / full_mu if full_mu else None
+        r["mu_vs_full"] = r["model_utility"] / full_mu if full_mu and learned is not False else None
     return rows
+
+
+LEARNED_PROB = 0.5  # below this retain prob the full model has not learned its data (e.g. --quick's 1 epoch)
+
+
+def full_learned(rows: dict[str, Any]) -> bool | None:
+    """Whether the full model learned its training data (retain Prob. >= LEARNED_PROB); None without it.
+    When it has not, Model Utility (a harmonic mean with near-zero parts) and Forget Quality measure
+    nothing and the report says so instead of printing MU 0.000 (issue 14)."""
+    if "full" not in rows:
+        return None
+    return rows["full"]["utility_parts"]["Retain Prob."] >= LEARNED_PROB
 
 
 def goal_check(rows: dict[str, Any], fq_min: float = 0.05, mu_frac: float = 0.9) -> dict[str, Any]:
@@ -414,17 +430,27 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
           if (work / "models" / n / "finetune.json").is_file()}
     goal = goal_check(rows) if "full" in rows else {}
     stage_s = sum(r["wall_s"] + r["eval_s"] for r in rows.values())
+    learned = full_learned(rows)
+    if learned is False:
+        goal = {"not_measurable": not_learned_note(rows)}
     report = {"command": command, "config": dataclasses.asdict(cfg), "data": info, "finetune": ft,
-              "methods": rows, "goal": goal, "stages_total_s": stage_s,
+              "methods": rows, "goal": goal, "stages_total_s": stage_s, "full_learned": learned,
               "note": "wall_s of an unlearning run = the whole unlearn() call (model load, entropy pre-pass, "
                       "8-question before/after check, training, export) on 2 CPU cores shared with other jobs: "
                       "timings are noisy."}
     out = Path(cfg.out_dir)
     _write_json(out / "report.json", report)
     if rows:
-        _plot(rows, out / "fq_vs_mu.png")
+        _plot(rows, out / "fq_vs_mu.png", None if learned is not False else not_learned_note(rows))
     (out / "report.md").write_text(_markdown(cfg, report, command))
     return report
+
+
+def not_learned_note(rows: dict[str, Any]) -> str:
+    p = rows["full"]["utility_parts"]["Retain Prob."]
+    return (f"the full model has not learned its training data (retain prob {p:.3f} < {LEARNED_PROB}; e.g. --quick's "
+            "1 epoch), so Model Utility and Forget Quality measure nothing here and are not reported: this run checks "
+            "the pipeline only")
 
 
 def _ranges(xs: Sequence[int]) -> str:
@@ -473,9 +499,14 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         "| paraphrase ROUGE | forget Prob. | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    measurable = report.get("full_learned") is not False
+    if not measurable:
+        lines[-2:-2] = [f"**Not measurable: {not_learned_note(rows)}.**", ""]
     for name, r in rows.items():
         p = r["utility_parts"]
-        lines.append(f"| {name} | {_fmt(r['forget_quality'])} | {_fmt(r['model_utility'])} ({_fmt(r['mu_vs_full'], 2)}) "
+        fq_mu = (f"{_fmt(r['forget_quality'])} | {_fmt(r['model_utility'])} ({_fmt(r['mu_vs_full'], 2)})" if measurable
+                 else "n/a | n/a")
+        lines.append(f"| {name} | {fq_mu} "
                      f"| {_fmt(p['Retain Prob.'])} | {_fmt(p['Retain ROUGE'])} | {_fmt(p['Retain Truth Ratio'])} "
                      f"| {_fmt(r['forget_rouge'])} | {_fmt(r['paraphrase_rouge'])} | {_fmt(r['forget_prob'])} "
                      f"| {r['wall_s']:.0f} |")
@@ -496,7 +527,9 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         "- ALTER and AsymLoRA are evaluated through the entropy-gated forward (Eq. 9, `train.loop.model_eval_fns`).",
         "",
     ]
-    if goal:
+    if goal and "not_measurable" in goal:
+        lines += ["## Goal", "", f"Not checked: {goal['not_measurable']}.", ""]
+    elif goal:
         alter = rows.get("alter")
         lines += ["## Goal: ALTER FQ ≥ 0.05 with MU ≥ 90 % of the full model, no baseline reaching both", ""]
         if alter:
@@ -536,7 +569,7 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: dict[str, Any], path: Path) -> None:
+def _plot(rows: dict[str, Any], path: Path, not_measurable: str | None = None) -> None:
     """FQ (log) vs MU like the paper's Figure 4: filled = default settings, hollow = variants (labelled
     only for ALTER / AsymLoRA, to keep the cluster of untouched-looking baselines readable)."""
     import matplotlib
@@ -567,7 +600,8 @@ def _plot(rows: dict[str, Any], path: Path) -> None:
     ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel("Model Utility (retained authors: Prob., ROUGE, Truth Ratio)")
     ax.set_ylabel("Forget Quality (KS p-value, log scale)")
-    ax.set_title("TOFU small (tiny Llama from scratch): forget quality vs model utility")
+    ax.set_title("TOFU small (tiny Llama from scratch): forget quality vs model utility" if not_measurable is None
+                 else "pipeline check only: the full model has not learned its data", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -37,7 +37,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, fh, indent=2, default=_json_default)
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; honour the user's umask
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(o):
@@ -85,9 +93,15 @@ class RunCheckpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
             )
         except Exception as e:  # orbax raises several types for damaged folders
+            reason = " ".join(str(e).split())
+            reason = reason if len(reason) <= 200 else reason[:200].rsplit(" ", 1)[0] + " ..."
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            fix = (f"delete {path} and rerun the same command to resume from step {max(earlier)} (the previous "
+                   f"checkpoint, {self.directory / str(max(earlier))})" if earlier else
+                   f"delete {path} and rerun the same command to start again from step 0")
             raise CheckpointCorrupt(
-                f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). Delete that folder to resume from an "
-                "earlier checkpoint, or start the run in a new output_dir."
+                f"checkpoint {path} cannot be restored (step {step}; {type(e).__name__}: {reason}): {fix}, or start "
+                "the run in a new output_dir."
             ) from None
         restored = out["state"]
         if sorted(restored) != sorted(target):

@@ -49,6 +49,54 @@ class RunConflict(RuntimeError):
     """The output folder holds a run made with another config."""
 
 
+class Diverged(RuntimeError):
+    """A step gave a non-finite loss, gradient or parameter; the run stops before saving it."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _divergence_hint(run: C.RunConfig, lrs: dict, phase: str) -> str:
+    rates = ", ".join(f"{g} {v:g}" for g, v in sorted(lrs.items()))
+    low = "fp16 overflow (model.dtype float16) or " if "float16" in (run.model.dtype, run.model.param_dtype) else ""
+    return (f"likely cause: {low}a learning rate too high for this model (phase {phase}: {rates}); lower the "
+            "config.optim.lr* keys or set config.optim.clip_norm (e.g. 1.0)")
+
+
+def collapse_warnings(before: dict, after: dict, run: C.RunConfig, lrs: dict) -> list[str]:
+    """Finite but destroyed results (issue 14: lr 1e6 gave a model of uniform noise): the retain answer
+    probability falling below half of its value before unlearning is reported, with the likely cause."""
+    rb, ra = before["retain"]["answer_prob"], after["retain"]["answer_prob"]
+    if not (np.isfinite(ra) and ra >= 0.5 * rb):
+        return [f"retain answer prob fell from {rb:.4f} to {ra:.4f} (below half): the model lost what it should keep; "
+                f"{_divergence_hint(run, lrs, 'main')}"]
+    return []
+
+
+def check_finite_step(metrics: dict[str, float], step: int, phase: str, run: C.RunConfig, lrs: dict,
+                      ckpt: "RunCheckpointer | None", out: Path) -> None:
+    """Stop a run whose step ``step`` gave a NaN / inf loss term or gradient norm (issue 14)."""
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if not bad:
+        return
+    first = [k for k in ("loss", "grad_norm") if k in bad] or sorted(bad)[:1]
+    what = ", ".join(f"{k} = {bad[k]}" for k in first)
+    if len(bad) > len(first):
+        what += f" (and {', '.join(sorted(set(bad) - set(first)))})"
+    last_good = ckpt.latest_step() if ckpt is not None else None
+    raise Diverged(_diverged_message(f"step {step} ({phase}) gave a non-finite {what}", run, lrs, phase, last_good, out))
+
+
+def _diverged_message(head: str, run, lrs, phase, last_good, out: Path) -> str:
+    keep = (f"the last good checkpoint {out / 'checkpoints' / str(last_good)} is kept" if last_good is not None
+            else "no checkpoint was saved before it")
+    return (f"training diverged: {head}; {_divergence_hint(run, lrs, phase)}. The run stopped without saving the "
+            f"diverged state or a result ({keep}); rerun in a new output_dir.")
+
+
 # ----------------------------------------------------------------------------- loading
 def load_model_and_tokenizer(spec: C.ModelSpec, progress: bool = True):
     from alter_jax.io.hf import load_pretrained, load_tokenizer, resolve_model_dir
@@ -67,10 +115,9 @@ def resolve_run_model(name: str, progress: bool = True) -> Path:
     return ensure_demo_model(progress=progress) if name == DEMO_NAME else resolve_model_dir(name)
 
 
-def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Forget and retain rows from a TOFU source (hub id, local folder or ``synthetic``)."""
-    from alter_jax.data.tofu import load_tofu_split
-
+def resolve_data_source(data: C.DataConfig, output_dir: Path) -> str:
+    """The folder or hub id behind ``data.source`` (``demo``: the demo world; ``synthetic``: written
+    once into ``<output_dir>/data``)."""
     source = data.source
     if source == "demo":
         from alter_jax.demo import ensure_demo_model
@@ -79,10 +126,18 @@ def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[di
     elif source == "synthetic":
         from alter_jax.data.synthetic import write_tofu_folder
 
-        source = str(output_dir / "data")
+        source = str(Path(output_dir) / "data")
         if not (Path(source) / "full.json").exists():
             write_tofu_folder(source, num_authors=data.synthetic_authors, forget_authors=data.synthetic_forget_authors,
                               seed=0)
+    return source
+
+
+def load_rows(data: C.DataConfig, output_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Forget and retain rows from a TOFU source (hub id, local folder or ``synthetic``)."""
+    from alter_jax.data.tofu import load_tofu_split
+
+    source = resolve_data_source(data, output_dir)
     if data.kind == "text":
         from alter_jax.data.corpus import load_text_split
 
@@ -196,8 +251,121 @@ def _config_folder(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- the run
+def preflight_model(run: C.RunConfig, method: MethodSpec, model) -> None:
+    """Checks that need the model's layers, run before any expensive step (entropy pass, evaluation)."""
+    if not method.adapter:
+        return
+    from alter_jax.models.llama import TARGET_MODULES, linear_layers
+
+    paths = list(linear_layers(model))
+    bad = [t for t in run.adapter.target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
+    if bad:
+        raise C.ConfigValueError(f"config.adapter.target_modules {bad} match no layer of this model; valid module names "
+                                 f"are {', '.join(TARGET_MODULES)} (or a dotted path such as layers.0.self_attn.q_proj).")
+
+
+def preflight_rows(run: C.RunConfig, method: MethodSpec, rows: dict[str, list]) -> None:
+    """Checks that need the rows, before the backbone pass."""
+    n = len(rows["forget"])
+    if not n or not rows["retain"]:
+        empty = "forget" if not n else "retain"
+        raise C.ConfigValueError(f"config.data.{empty}_split = {getattr(run.data, empty + '_split')!r} gives no rows; "
+                                 "choose a split with rows.")
+    if method.asymmetric and run.data.num_subdomains > n:
+        raise C.ConfigValueError(f"config.data.num_subdomains = {run.data.num_subdomains} exceeds the {n} forget rows "
+                                 f"of {run.data.forget_split!r}; each sub-domain needs rows: use at most {n} "
+                                 "(0 = choose by silhouette).")
+
+
+def entropy_split_report(entropies: np.ndarray, threshold: float, ent: C.EntropyConfig, method: MethodSpec) -> str:
+    """One line: θ and the high-entropy fraction of answer tokens. A method that trains on both sets
+    (ALTER) refuses an empty set, naming the quantile θ sits at and how to choose another threshold."""
+    vals = np.asarray(entropies, np.float64)
+    frac = float(np.mean(vals > threshold)) if vals.size else 0.0
+    line = (f"entropy: θ = {threshold:.4g} ({ent.threshold}), high-entropy answer tokens {100 * frac:.1f} % of "
+            f"{vals.size}")
+    if method.entropy and (frac == 0.0 or frac == 1.0):
+        at = float(np.mean(vals <= threshold)) if vals.size else 0.0
+        qs = np.quantile(vals, [0.5, 0.7, 0.9]) if vals.size else np.zeros(3)
+        side = "low" if frac == 1.0 else "high"
+        raise C.ConfigValueError(
+            f"config.entropy: θ = {threshold:.4g} sits at the {100 * at:.1f} % quantile of the {vals.size} answer-token "
+            f"entropies S_{ent.q:g} (range {vals.min():.3g}..{vals.max():.3g}), so no token is {side}-entropy and "
+            f"method {method.name!r} needs both sets. Choose another threshold: --config.entropy.threshold=quantile "
+            f"--config.entropy.value=0.3 (top 30 % high), or a fixed θ such as --config.entropy.value="
+            f"{qs[1]:.3g} (the 70 % quantile; 50 %: {qs[0]:.3g}, 90 %: {qs[2]:.3g}).")
+    return line
+
+
+def truncated_rows(arrays: dict, eos_id: int | None) -> np.ndarray:
+    """Indices of encoded rows cut by ``max_length``: every position is real and the last token is not
+    the EOS that ends a complete answer (``encode_qa`` appends it and truncates after)."""
+    full = arrays["attention_mask"][:, -1] > 0
+    if eos_id is not None:
+        full &= arrays["input_ids"][:, -1] != eos_id
+    return np.flatnonzero(full)
+
+
+def check_truncation(run: C.RunConfig, rows: dict, arrays: dict, eos_id: int | None, log) -> dict[str, int]:
+    """Count, warn about and (above :data:`config.TRUNCATION_LIMIT` of a side) refuse answers cut by
+    ``model.max_length`` (issue 14: a short max_length silently scored and trained on cut answers)."""
+    counts = {}
+    for side in SIDES:
+        cut = truncated_rows(arrays[side], eos_id)
+        counts[side] = int(len(cut))
+        if not len(cut):
+            continue
+        n = len(arrays[side]["input_ids"])
+        frac = len(cut) / n
+        msg = (f"config.model.max_length = {run.model.max_length} cuts the answers of {len(cut)} of {n} {side} rows "
+               f"({100 * frac:.1f} %, e.g. row {int(cut[0])}: {rows[side][int(cut[0])]['question'][:50]!r})")
+        if frac > C.TRUNCATION_LIMIT and not run.data.allow_truncation:
+            raise C.ConfigValueError(f"{msg}; more than {100 * C.TRUNCATION_LIMIT:g} % is refused: raise max_length, or "
+                                     "pass --config.data.allow_truncation=True to train and score on the cut answers")
+        log(f"warning: {msg}; they train and score on the cut answer")
+    return counts
+
+
+def _finished_report(out: Path) -> dict | None:
+    """The report of a finished run folder whose result is still there, else None."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    result = Path(report.get("result", ""))
+    return report if result.name and result.exists() else None
+
+
+def config_snapshot(run: C.RunConfig) -> dict:
+    """What ``config.json`` of a run folder holds: the resolved config and its hash."""
+    return {"config": C.to_dict(run), "hash": _config_hash(run)}
+
+
+def config_diff(old: dict, new: dict, limit: int = 6) -> str:
+    """``"optim.lr_b (0.001 there, 0.0005 now), ..."`` over the keys that enter the config hash."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v  # JSON gives lists for tuples
+        return out
+
+    a, b = flat(old), flat(new)
+    skip = {"train.checkpoint_every", "train.log_every"}
+    keys = [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)
+            and not (k == "data.allow_truncation" and not a.get(k) and not b.get(k))]
+    fmt = lambda v: "unset" if v is None else repr(v)  # noqa: E731
+    parts = [f"{k} ({fmt(a.get(k))} there, {fmt(b.get(k))} now)" for k in keys[:limit]]
+    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def _config_hash(run: C.RunConfig) -> str:
     d = C.to_dict(run)
+    if not d["data"]["allow_truncation"]:  # added later: the default keeps older run folders' hash
+        del d["data"]["allow_truncation"]
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "log_every")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -222,18 +390,72 @@ def unlearn(
 
     ``interrupt_after_step`` simulates a crash right after that step's checkpoint (tests).
     """
+    out = Path(run.output_dir)
+    if out.exists() and not out.is_dir():
+        raise C.ConfigValueError(f"config.output_dir = {run.output_dir!r} is a file, not a folder; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = run_lock(out)
+    except (PermissionError, FileNotFoundError, OSError) as e:
+        raise C.ConfigValueError(f"config.output_dir = {run.output_dir!r} cannot be written ({e.strerror}: "
+                                 f"{e.filename}); choose a folder you can write to") from None
+    with lock:
+        return _unlearn(run, out, progress=progress, log=log, interrupt_after_step=interrupt_after_step)
+
+
+LOCK_FILE = ".lock"
+
+
+def run_lock(out: Path):
+    """An exclusive ``flock`` on ``<out>/.lock`` held for the whole run (released when the process ends,
+    even on ``kill -9``); a second run into the same folder raises :class:`RunConflict` naming the
+    holder's PID (issue 14: two runs interleaved metrics.jsonl). Returns a context manager."""
+    import contextlib
+    import fcntl
+    import os
+
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunConflict(f"{out} is in use by another run (PID {holder}); wait for it to finish, stop it, or choose "
+                          "another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    return held()
+
+
+def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str], None],
+             interrupt_after_step: int | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     from alter_jax.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()  # a rerun or resume loads the compiled steps instead of compiling them
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    snapshot = {"config": C.to_dict(run), "hash": _config_hash(run)}
+    snapshot = config_snapshot(run)
     if (out / "config.json").exists():
         prev = json.loads((out / "config.json").read_text())
         if prev.get("hash") != snapshot["hash"]:
-            raise RunConflict(f"{out} holds a run with a different config (hash {prev.get('hash')}); "
-                              "choose a new output_dir or delete the folder.")
+            diff = config_diff(prev.get("config", {}), snapshot["config"])
+            raise RunConflict(f"{out} holds a run with a different config: {diff or 'hash ' + str(prev.get('hash'))}; "
+                              "rerun with the folder's values, choose a new output_dir, or delete the folder.")
+        done = _finished_report(out)
+        if done is not None:  # nothing to do: say so at once (issue 14: 47 s of loading and evaluating)
+            log(f"{out} holds a finished run with this config (report.json, result {done['result']}); nothing to do. "
+                "Choose a new output_dir to run again.")
+            return done
     write_json_atomic(out / "config.json", snapshot)
     method = get_method(run.train.method)
 
@@ -241,13 +463,17 @@ def unlearn(
     model, tok, folder = load_model_and_tokenizer(run.model, progress)
     log(f"model {folder} ({model.cfg.model_type}, {model.cfg.num_params() / 1e6:.1f}M params), method {method.name}")
     bfilter = backbone_filter(method, run.loss, model.cfg.num_layers)  # RMU: a few MLP kernels; else None
+    preflight_model(run, method, model)
     rows = dict(zip(SIDES, load_rows(run.data, out)))
+    preflight_rows(run, method, rows)
+    truncated = None  # text corpora are cut into max_length windows by design
     if run.data.kind == "text":
         from alter_jax.data.corpus import encode_texts
 
         arrays = {s: encode_texts(tok, rows[s], run.model.max_length) for s in SIDES}
     else:
         arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
+        truncated = check_truncation(run, rows, arrays, tok.eos_token_id, log)
     embeddings = {}
     for s in SIDES:  # entropy behind every token, NPO's reference log-probability, answer embeddings
         stats = backbone_statistics(model, arrays[s], run.entropy.q, length_bucket=run.model.length_bucket)
@@ -255,6 +481,7 @@ def unlearn(
     all_ent = np.concatenate([answer_token_values(arrays[s]) for s in SIDES])
     threshold = fit_threshold(run.entropy.threshold, all_ent, value=run.entropy.value, q=run.entropy.q,
                               vocab_size=model.cfg.vocab_size)
+    log(entropy_split_report(all_ent, threshold, run.entropy, method))
     if method.asymmetric:
         experts, n_sub, sub_info = subdomain_experts(rows["forget"], embeddings["forget"], domain_field=run.data.domain_field,
                                                      num=run.data.num_subdomains, max_num=run.data.max_subdomains,
@@ -265,7 +492,7 @@ def unlearn(
     arrays["retain"]["expert"] = np.zeros(len(rows["retain"]), np.int32)
     data_info = {"forget": len(rows["forget"]), "retain": len(rows["retain"]), "threshold": float(threshold),
                  "high_entropy_fraction": float(np.mean(all_ent > threshold)), "subdomains": sub_info,
-                 "num_forget_experts": n_sub}
+                 "num_forget_experts": n_sub, "truncated_rows": truncated}
     write_json_atomic(out / "data_info.json", data_info)
 
     # -- before
@@ -349,6 +576,7 @@ def unlearn(
             step = int(state.step)
             tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
             m = {k: float(v) for k, v in m.items()}
+            check_finite_step(m, step, "main", run, lrs, ckpt, out)
             rate = tokens / (time.perf_counter() - t0)
             _append_jsonl(metrics_file, {"step": step, "epoch": epoch, "phase": "main", **m, "tokens_per_s": rate})
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:.0f}")
@@ -356,6 +584,9 @@ def unlearn(
             last = step >= total_steps
             nxt = {"epoch": epoch, "batch": b_idx + 1}
             if step % run.train.checkpoint_every == 0 or last:
+                if not bool(_all_finite(state.trainable)):  # finite step, but the update overflowed
+                    raise Diverged(_diverged_message(f"the update of step {step} made parameters non-finite", run, lrs,
+                                                     "main", ckpt.latest_step(), out))
                 ckpt.save(step, state, {**nxt, "seed": run.train.seed, "hash": snapshot["hash"]})
             if interrupt_after_step is not None and step == interrupt_after_step:
                 raise KeyboardInterrupt(f"simulated interruption after step {step}")
@@ -363,6 +594,10 @@ def unlearn(
                 done = True
                 break
     bar.close()
+    if not bool(_all_finite(state.trainable)):  # never export a non-finite result (resumed runs included)
+        raise Diverged(f"training diverged: the parameters after step {int(state.step)} (checkpoint "
+                       f"{ckpt.directory / str(ckpt.latest_step())}) are non-finite; {_divergence_hint(run, lrs, 'main')}. "
+                       "No result was saved; rerun in a new output_dir.")
 
     # -- result
     model = _rebuild(graphdef, state.trainable, frozen_parts)
@@ -370,9 +605,12 @@ def unlearn(
     lf, gf = model_eval_fns(model, method, run.entropy, threshold)
     after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
                            run.model.length_bucket) for s in SIDES}
+    warnings = collapse_warnings(before, after, run, lrs)
+    for w in warnings:
+        log(f"warning: {w}")
     report = {
         "method": method.name, "model": str(folder), "steps": int(state.step), "result": str(result_dir),
-        "before": before, "after": after, "data": data_info, "learning_rates": lrs,
+        "before": before, "after": after, "data": data_info, "learning_rates": lrs, "warnings": warnings,
         "trainable_params": {g: count_params(s) for g, s in state.trainable.items()},
         "wall_s": time.perf_counter() - t_start,
     }
@@ -385,7 +623,8 @@ def unlearn(
 def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
     graphdef, trainable, frozen_parts = split_model(model, ("shared_a", "retain_expert"))
     frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=None)
-    tx = make_optimizer(group_learning_rates(method, run.optim, "phase1"), run.optim)
+    lrs1 = group_learning_rates(method, run.optim, "phase1")
+    tx = make_optimizer(lrs1, run.optim)
     state = init_state(trainable, tx)
     step_fn = jit_train_step(_settings(method, run, threshold, "phase1"), tx)
     if metrics_file.exists():
@@ -396,7 +635,9 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
                                            seed=run.train.seed + 7919, epoch=epoch):
             batch = bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
             state, m = step_fn(state, frozen, _device_batch(batch))
-            _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **{k: float(v) for k, v in m.items()}})
+            m = {k: float(v) for k, v in m.items()}
+            check_finite_step(m, int(state.step), "phase1", run, lrs1, None, metrics_file.parent)
+            _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **m})
             bar.update()
             if int(state.step) >= run.train.phase1_steps:
                 break

@@ -140,3 +140,54 @@ def test_export_errors(alter_run, tmp_path, capsys):
     unfinished.mkdir()
     (unfinished / "config.json").write_text((alter_run / "config.json").read_text())
     fails(["--run", str(unfinished), "--format", "merged", "--out", str(tmp_path / "o")], "no adapter/ folder")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_writes_over_the_run_or_the_base_model(alter_run, tmp_path, capsys):
+    """issue 14: ``--out R --overwrite`` deleted the whole run folder. Refused now, nothing lost."""
+    import shutil
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(alter_run, run)
+    base = tmp_path / "base"
+    shutil.copytree(resolve_run_model(export_cli.read_run(run)[0].model.name), base)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["config"]["model"]["name"] = str(base)
+    (run / "config.json").write_text(json.dumps(cfg))
+    before_run, before_base = _tree(run), _tree(base)
+    for out, how, what in ((run, "is", "run folder"), (run.parent, "contains", "run folder"),
+                           (run / "adapter", "is inside", "run folder"), (base, "is", "base model folder"),
+                           (tmp_path, "contains", "run folder")):
+        for fmt in ("alter", "peft", "merged"):
+            with pytest.raises(SystemExit) as e:
+                export_cli.main(["--run", str(run), "--format", fmt, "--out", str(out), "--overwrite"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2, err
+            assert f"--out {out} {how} the {what}" in err and f"--out exports/r_{fmt}" in err, err
+            assert "Traceback" not in err and err.count("\n") == 1, err
+            assert _tree(run) == before_run and _tree(base) == before_base  # no file lost or changed
+    # the safe choice works
+    assert export_cli.main(["--run", str(run), "--format", "alter", "--out", str(tmp_path / "exports" / "r_alter")]) == 0
+    assert _tree(run) == before_run
+
+
+def test_single_expert_export_of_alter_warns_loudly_and_in_its_readme(alter_run, tmp_path, capsys):
+    """issue 14: ALTER's PEFT / merged exports do not forget (expert 0 is the retain expert) and said nothing."""
+    before = _tree(alter_run)
+    for fmt, expert in (("peft", 0), ("merged", 0), ("peft", 1)):
+        out = tmp_path / f"{fmt}{expert}"
+        assert export_cli.main(["--run", str(alter_run), "--format", fmt, "--expert", str(expert), "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "WARNING: this alter export holds one expert under hard routing, not the entropy-gated mixture" in err
+        readme = (out / "README.md").read_text()
+        assert "WARNING" in readme and "bin/export --format alter" in readme
+        if expert == 0:
+            assert "has NOT forgotten the forget set" in err and "has NOT forgotten" in readme
+        else:
+            assert "expert 1 is a forget expert" in readme
+    assert export_cli.main(["--run", str(alter_run), "--format", "alter", "--out", str(tmp_path / "a")]) == 0
+    assert "WARNING" not in capsys.readouterr().err and not (tmp_path / "a" / "README.md").exists()
+    assert _tree(alter_run) == before

@@ -97,3 +97,56 @@ def test_layer_output_matches_hf_hidden_states(tiny):
         assert err < 1e-4, (layer, err)
     with pytest.raises(ValueError, match="decoder layers"):
         jm.layer_output(ids, mask, jm.cfg.num_layers)
+
+
+# issue 14: config.json fields that change the numbers, one case each: hidden_act was ignored (always SiLU,
+# logits off by 4e-2 for gelu_pytorch_tanh) and attention_bias=True failed on o_proj.bias.
+FIELD_CASES = {
+    "hidden_act=gelu": dict(hidden_act="gelu"),
+    "hidden_act=gelu_pytorch_tanh": dict(hidden_act="gelu_pytorch_tanh"),
+    "hidden_act=gelu_new": dict(hidden_act="gelu_new"),
+    "hidden_act=relu": dict(hidden_act="relu"),
+    "attention_bias": dict(attention_bias=True),
+    "mlp_bias": dict(mlp_bias=True),
+    "head_dim": dict(head_dim=12),
+    "rms_norm_eps": dict(rms_norm_eps=0.5),
+    "rope_theta": dict(rope_theta=30.0),
+    "rope_linear": dict(rope_scaling={"rope_type": "linear", "factor": 3.0}),
+    "tie_word_embeddings": dict(tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("case", list(FIELD_CASES))
+def test_config_field_changes_logits_like_transformers(case, tmp_path):
+    d = make_tiny_hf_model(tmp_path / "m", "llama_gqa", **FIELD_CASES[case])
+    tm = AutoModelForCausalLM.from_pretrained(d).eval()
+    jm = load_pretrained(d)
+    ids, mask = left_padded_batch([12, 7], 12, seed=3)
+    ref = torch_logits(tm, ids, mask)
+    err = np.abs(ref - np.asarray(jm(ids, mask)))[mask == 1].max()
+    assert err < 1e-4, (case, err)
+    # the exported folder keeps the field: transformers reads the same numbers back
+    save_pretrained(jm, tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    for k, v in FIELD_CASES[case].items():
+        if not k.startswith("rope_"):  # transformers 5 moves these into rope_parameters
+            assert getattr(back.config, k) == v, (k, getattr(back.config, k))
+    err = np.abs(ref - torch_logits(back, ids, mask))[mask == 1].max()
+    assert err < 1e-4, (case, "export", err)
+
+
+def test_config_fields_we_do_not_implement_are_refused_by_name(tmp_path):
+    import json
+
+    from alter_jax.io.hf import load_config
+    from alter_jax.models.config import ConfigError
+
+    d = make_tiny_hf_model(tmp_path / "m", "llama_gqa")
+    cfg = json.loads((d / "config.json").read_text())
+    for field, value, message in (("hidden_act", "tanh", "hidden_act 'tanh' is not supported; alter-jax implements "
+                                   "silu, gelu, gelu_pytorch_tanh, gelu_new, relu"),
+                                  ("partial_rotary_factor", 0.5, "partial_rotary_factor 0.5"),
+                                  ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "rope_scaling type 'yarn'")):
+        (d / "config.json").write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(ConfigError, match=message):
+            load_config(d)

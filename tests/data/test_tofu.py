@@ -117,3 +117,19 @@ def test_synthetic_folder_roundtrip_and_pairing(tmp_path):
     assert c["a"].shape == (2, 3) and c["a"].dtype == np.int32
     with pytest.raises(ValueError, match="different shapes"):
         collate([{"a": np.zeros(3)}, {"a": np.ones(4)}])
+
+
+def test_empty_answers_are_rejected_naming_file_and_row(tmp_path):
+    """issue 14: "" answers were accepted and moved the "before" forget prob from 0.99 to 0.50."""
+    _write(tmp_path / "forget10.json", [{"question": "q", "answer": "a"}, {"question": "q2", "answer": "  "}])
+    with pytest.raises(TofuDataError, match=r"forget10.json, row 1: field 'answer' is empty; an empty answer scores no "
+                                            r"tokens .* fill it in or remove the row"):
+        load_tofu_split("forget10", tmp_path)
+    _write(tmp_path / "forget10.json", [{"question": "", "answer": "a"}])
+    with pytest.raises(TofuDataError, match=r"forget10.json, row 0: field 'question' is empty"):
+        load_tofu_split("forget10", tmp_path)
+    row = {"question": "q", "answer": "a", "paraphrased_answer": "p", "paraphrased_question": "pq",
+           "perturbed_answer": ["x", "y", "", "z", "w"]}
+    _write(tmp_path / "forget10_perturbed.json", [row])
+    with pytest.raises(TofuDataError, match=r"row 0: field 'perturbed_answer' entry 2 is empty"):
+        load_tofu_split("forget10_perturbed", tmp_path)

@@ -139,3 +139,31 @@ def test_cli_tofu_end_to_end_on_synthetic(tmp_path):
     assert res["model_utility"] == pytest.approx(summary["model_utility"])
     p = _cli("tofu", "--model", str(model_dir), "--data", str(data), "--forget-split", "forget07", "--out", str(out))
     assert p.returncode == 2 and "forget07_perturbed" in p.stderr and "available splits" in p.stderr
+
+
+def test_nan_in_a_log_names_the_file_and_the_metric(refs, tmp_path):
+    """issue 14: a NaN in a TOFU log printed ``Model Utility: nan`` with exit 0."""
+    import shutil
+
+    logs = tmp_path / "logs"
+    shutil.copytree(refs["full"], logs)
+    f = logs / "eval_real_author_wo_options.json"
+    log = json.loads(f.read_text())
+    key = sorted(log["rougeL_recall"], key=int)[3]
+    log["rougeL_recall"][key] = float("nan")
+    f.write_text(json.dumps(log))
+    before = f.read_bytes()
+    p = _cli("tofu-aggregate", "--logs", str(logs))
+    assert p.returncode == 2, p.stdout
+    assert (f"error: {f}: metric 'rougeL_recall' is NaN or inf for 1 of {len(log['rougeL_recall'])} questions "
+            f"(first: question {key})") in p.stderr, p.stderr
+    assert "Model Utility" not in p.stdout and "Traceback" not in p.stderr
+    g = logs / "eval_log_forget.json"  # the forget log (Forget Quality) is checked as well
+    f.write_bytes((refs["full"] / f.name).read_bytes())
+    log = json.loads(g.read_text())
+    log["avg_paraphrased_loss"][sorted(log["avg_paraphrased_loss"], key=int)[0]] = float("inf")
+    g.write_text(json.dumps(log))
+    with pytest.raises(TofuLogsError, match=rf"{g}: metric 'avg_paraphrased_loss' is NaN or inf"):
+        aggregate(logs, refs["retain90"])
+    assert before != f.read_bytes()  # (the restored file differs from the NaN one; nothing else was written)
+    assert sorted(x.name for x in logs.iterdir()) == sorted(x.name for x in refs["full"].iterdir())

@@ -142,7 +142,7 @@ def test_local_folder_passes_through(tmp_path, fake_convert):
 
 
 def test_hub_id_offline_and_bad_inputs(tmp_path, fake_convert):
-    with pytest.raises(ModelResolutionError, match=r"could not get hub model 'someone/some-model'.*offline"):
+    with pytest.raises(ModelResolutionError, match=r"hub model 'someone/some-model' could not be fetched.*offline"):
         resolve_model("someone/some-model", cache_dir=tmp_path)
     with pytest.raises(ModelResolutionError, match="GGUF file not found"):
         resolve_model(tmp_path / "missing.gguf", cache_dir=tmp_path)
