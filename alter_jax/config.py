@@ -36,6 +36,10 @@ class ModelSpec:
     # the LM head runs only at scored positions; > 0 evaluates it in blocks of this many positions per
     # row under jax.checkpoint (recomputed in the backward pass): at most [B, head_chunk, V] logits live
     head_chunk: int = 0
+    # run the decoder layers as one lax.scan (one layer body compiled instead of num_layers; costs one copy
+    # of the layer weights per step, which the memory plan counts): on for CPU-sized runs, the paper's
+    # GPU configs turn it off
+    scan_layers: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +240,8 @@ _RANGES = (
     ("optim", "weight_decay", 0.0, True, "AdamW decay"),
     ("entropy", "q", 0.0, False, "the Tsallis order (1 = Shannon)"),
     ("model", "max_length", 2, True, "tokens per row (prompt + answer)"),
+    ("model", "length_bucket", 0, True, "batch widths are multiples of it; 0 = always max_length"),
+    ("model", "head_chunk", 0, True, "scored positions per LM-head block; 0 = all at once"),
     ("data", "num_forget", 0, True, "0 = all rows"),
     ("data", "num_retain", 0, True, "0 = all rows"),
     ("data", "num_subdomains", 0, True, "0 = chosen by silhouette"),

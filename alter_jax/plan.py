@@ -119,6 +119,19 @@ def _group_bytes_per_device(state: Any, sizes: dict[str, int]) -> int:
     return int(total)
 
 
+def _layer_bytes_per_device(groups: dict[str, Any], sizes: dict[str, int]) -> int:
+    """Bytes per device of every decoder layer's state (backbone and adapters): what a scan over
+    layers stacks."""
+    total = 0
+    for state in groups.values():
+        for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+            p = path_str(path)
+            if p.startswith("layers/"):
+                spec = spec_for(p, x.shape, sizes, PARTITION_RULES)
+                total += math.prod(shard_shape(x.shape, spec, sizes)) * jnp.dtype(x.dtype).itemsize
+    return int(total)
+
+
 def _div(n: int, t: int) -> float:
     """``n / t`` when the tensor axis divides ``n`` (sharded), else ``n`` (replicated)."""
     return n / t if t > 1 and n % t == 0 else float(n)
@@ -219,6 +232,7 @@ def plan_memory(
     remat: bool = False,
     scored_len: int | None = None,
     head_chunk: int = 0,
+    scan_layers: bool = False,
 ) -> MemoryPlan:
     """Per-device memory of one train step of ``method`` (see the module docstring).
 
@@ -229,7 +243,8 @@ def plan_memory(
     (``ModelSpec.remat``); ``scored_len``: scored positions per row, where the LM head runs
     (default ``seq_len - 1``: every position, the worst case of the scored-token head);
     ``head_chunk``: ``ModelSpec.head_chunk`` (> 0: the head runs in blocks of that many positions,
-    so at most ``min(head_chunk, scored_len)`` positions of logits are live).
+    so at most ``min(head_chunk, scored_len)`` positions of logits are live); ``scan_layers``:
+    ``ModelSpec.scan_layers`` (the layers' weights are stacked once per step: one more copy).
     """
     if batch < 1 or seq_len < 1:
         raise ValueError(f"plan_memory: batch={batch} and seq_len={seq_len} must be >= 1.")
@@ -242,6 +257,8 @@ def plan_memory(
 
     needs_ref = method.retain_loss == "kl"  # NPO: reference log-probabilities come from the pre-pass
     comps: dict[str, int] = {"backbone params": per_dev["backbone"]}
+    if scan_layers:  # models/llama.py stacks every layer's state for the scan: a copy of the layer weights
+        comps["stacked layer weights (scan)"] = _layer_bytes_per_device(groups, sizes)
     adapter_bytes = sum(per_dev[g] for g in GROUPS)
     if adapter_bytes:
         comps["adapter params"] = adapter_bytes

@@ -8,7 +8,8 @@ def paper_config(*, model: str, prompt_format: str, forget: str, retain: str, so
                  output_dir: str) -> ConfigDict:
     return ConfigDict({
         "model": {"name": model, "dtype": "bfloat16", "param_dtype": "bfloat16", "prompt_format": prompt_format,
-                  "max_length": 256, "head_chunk": 16},  # LM head on scored positions, 16 at a time
+                  "max_length": 256, "head_chunk": 16,  # LM head on scored positions, 16 at a time
+                  "scan_layers": False},  # no per-step copy of the 7B/8B layer weights
         "adapter": {"rank": 8, "alpha": 16.0, "top_k": 3, "tau_high": 0.8, "tau_low": 0.01},
         "entropy": {"q": 1.0, "threshold": "fixed", "value": 1.2},
         "loss": {"beta": 1.0, "gamma": 1.0, "lambda_struct": 0.01},

@@ -60,13 +60,15 @@ def measured_peak(cfg: ModelConfig, method: str, per_side: int, seq_len: int, he
         ("alter", 2, 64, dict(hidden_size=64, intermediate_size=96, head_dim=16, vocab_size=4096), 0),  # logits-heavy
         ("alter", 2, 64, dict(hidden_size=64, intermediate_size=96, head_dim=16, vocab_size=4096), 8),  # head in blocks
         ("alter", 4, 32, dict(num_layers=4), 0),
+        ("alter", 4, 32, dict(num_layers=4, scan_layers=True), 0),  # layers stacked for a scan
         ("lora_gd", 4, 64, dict(hidden_size=128, intermediate_size=192, head_dim=32, vocab_size=512), 0),
     ],
 )
 def test_plan_within_20_percent_of_xla(method, per_side, seq_len, changes, head_chunk):
     cfg = TINY.replace(**changes)
     measured = measured_peak(cfg, method, per_side, seq_len, head_chunk)
-    plan = plan_memory(cfg, ADAPTER, get_method(method), 2 * per_side, seq_len, MeshConfig(), head_chunk=head_chunk)
+    plan = plan_memory(cfg, ADAPTER, get_method(method), 2 * per_side, seq_len, MeshConfig(), head_chunk=head_chunk,
+                       scan_layers=cfg.scan_layers)
     assert abs(plan.total / measured - 1) <= 0.20, (plan.total, measured, plan.table())
     assert plan.activations > plan.components["backbone params"]  # these shapes are activation-bound
 

@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from alter_jax.config import ModelSpec
+
 SIDES = ("forget", "retain")
 
 
@@ -121,7 +123,7 @@ def first_alter_step(folder: str, tofu_dir: str, length_bucket: int) -> dict:
     from alter_jax.io.hf import load_pretrained, load_tokenizer
 
     cache = enable_compilation_cache()
-    model = load_pretrained(folder)
+    model = load_pretrained(folder, scan_layers=ModelSpec().scan_layers)  # as bin/unlearn loads it
     arrays, study = study_arrays(load_tokenizer(folder), tofu_dir)
     arrays, threshold, n_sub = _prepare(model, arrays, study)
     ours, _ = epoch_batches(arrays, study, length_bucket)[0]
@@ -154,7 +156,7 @@ def bench_epoch(spec, *, with_torch: bool = True, tofu_dir: str | None = None, l
     tofu_dir = tofu_dir or str(Path(__file__).resolve().parents[3] / "shared" / "data" / "tofu")
     if not (Path(tofu_dir) / "forget01.json").is_file():
         raise FileNotFoundError(f"--tofu-dir {tofu_dir}: no TOFU data (forget01.json); point it at shared/data/tofu")
-    model = load_pretrained(spec.folder)
+    model = load_pretrained(spec.folder, scan_layers=ModelSpec().scan_layers)  # as bin/unlearn loads it
     arrays, study = study_arrays(load_tokenizer(spec.folder), tofu_dir)
     arrays, threshold, n_sub = _prepare(model, arrays, study)
     batches = epoch_batches(arrays, study, length_bucket)

@@ -244,9 +244,9 @@ def torch_lora_gd_epoch(cfg: StudyConfig, model_dir: Path, data_dir: Path, threa
     batch padded to its longest sequence (open-unlearning's collator), loss = −NLL(forget) + NLL(retain);
     the same forget/retain pairing and order as ours. Times every step (first included and reported)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from alter_jax.bench.epoch import torch_lora_gd_stepper, torch_side
     from alter_jax.data.batching import forget_retain_batches
     from alter_jax.data.tofu import load_tofu_split
     from alter_jax.io.hf import load_tokenizer
@@ -256,33 +256,14 @@ def torch_lora_gd_epoch(cfg: StudyConfig, model_dir: Path, data_dir: Path, threa
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(model_dir)
     arrays = {s: encode(tok, load_tofu_split(s, str(data_dir)), "auto", cfg.max_length) for s in ("forget", "retain")}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr_lora)
-
-    def side(b):
-        mask = b["attention_mask"]
-        width = int(mask.sum(1).max())
-        if mask[:, width:].any():
-            raise ValueError("torch speed: expected right-padded batches")
-        lab = b["labels"][:, :width].astype(np.int64)
-        return (torch.from_numpy(b["input_ids"][:, :width].astype(np.int64)),
-                torch.from_numpy(mask[:, :width].astype(np.int64)), torch.from_numpy(lab))
-
+    step = torch_lora_gd_stepper(AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32),
+                                 lr=cfg.lr_lora)
     times, tokens = [], []
     for b in forget_retain_batches(arrays["forget"], arrays["retain"], cfg.unlearn_batch, seed=cfg.seed, epoch=0):
         t = time.perf_counter()
-        f_ids, f_mask, f_lab = side(b["forget"])
-        r_ids, r_mask, r_lab = side(b["retain"])
-        loss = -model(input_ids=f_ids, attention_mask=f_mask, labels=f_lab).loss
-        loss = loss + model(input_ids=r_ids, attention_mask=r_mask, labels=r_lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        step(b)
         times.append(time.perf_counter() - t)
-        tokens.append(int(f_mask.sum() + r_mask.sum()))
+        tokens.append(int(sum(torch_side(b[s])["attention_mask"].sum() for s in ("forget", "retain"))))
     total = float(sum(times))
     steady = (sum(tokens[1:]) / sum(times[1:])) if len(times) > 1 else tokens[0] / times[0]
     return {"epoch_s": total, "tokens_per_s_all_steps": sum(tokens) / total, "tokens_per_s": float(steady),

@@ -103,6 +103,7 @@ def load_model_and_tokenizer(spec: C.ModelSpec, progress: bool = True):
 
     folder = resolve_run_model(spec.name, progress=progress)
     model = load_pretrained(folder, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat,
+                            scan_layers=spec.scan_layers,
                             attention_impl=None if spec.attention_impl == "auto" else spec.attention_impl)
     return model, load_tokenizer(folder), folder
 
@@ -230,7 +231,8 @@ def plan(run: C.RunConfig, device_bytes: int | None = None) -> dict[str, Any]:
     from alter_jax.plan import plan_memory
 
     mem = plan_memory(mcfg, acfg, method, run.train.batch_size * 2, run.model.max_length, run.mesh,
-                      device_bytes=device_bytes, remat=run.model.remat, head_chunk=run.model.head_chunk)
+                      device_bytes=device_bytes, remat=run.model.remat, head_chunk=run.model.head_chunk,
+                      scan_layers=run.model.scan_layers)
     out["memory"] = mem.to_dict()
     out["memory_table"] = mem.table()
     return out
