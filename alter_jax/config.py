@@ -36,10 +36,10 @@ class ModelSpec:
     # the LM head runs only at scored positions; > 0 evaluates it in blocks of this many positions per
     # row under jax.checkpoint (recomputed in the backward pass): at most [B, head_chunk, V] logits live
     head_chunk: int = 0
-    # run the decoder layers as one lax.scan (one layer body compiled instead of num_layers; costs one copy
-    # of the layer weights per step, which the memory plan counts): on for CPU-sized runs, the paper's
-    # GPU configs turn it off
-    scan_layers: bool = True
+    # run the decoder layers as one lax.scan (one layer body traced instead of num_layers; costs one copy of
+    # the layer weights per step, which the memory plan counts). Off: measured on SmolLM2 it did not pay
+    # (steps 5-8 % slower, XLA compile time unchanged; WORKSPACE decision log)
+    scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
