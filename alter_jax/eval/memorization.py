@@ -102,6 +102,7 @@ def batch_token_stats(logits, labels) -> list[TokenStats]:
 
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    """Pad the batch axis to ``n`` rows by repeating the last row (static shapes for jit)."""
     if len(a) == n:
         return a
     return np.concatenate([a, np.repeat(a[-1:], n - len(a), axis=0)], axis=0)

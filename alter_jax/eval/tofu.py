@@ -77,7 +77,7 @@ from alter_jax.data.prompts import (IGNORE_INDEX, PromptFormat, encode_prompt, e
                                     resolve_format, with_system_prompt)
 from alter_jax.data.tofu import DEFAULT_SOURCE, EVAL_TASKS, TofuDataError, author_blocks, load_tofu_split
 from alter_jax.eval import mia as M
-from alter_jax.eval.memorization import TokenStats, mean_defined, memorization_scores, token_stats
+from alter_jax.eval.memorization import TokenStats, _pad_rows, mean_defined, memorization_scores, token_stats
 
 LogitsFn = Callable[[np.ndarray, np.ndarray], Any]
 GenerateFn = Callable[[np.ndarray, np.ndarray, int], Any]
@@ -153,13 +153,6 @@ def _progress(iterable, desc: str, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False)
-
-
-def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
-    """Pad the batch axis to ``n`` rows by repeating the last row (static shapes for jit)."""
-    if len(a) == n:
-        return a
-    return np.concatenate([a, np.repeat(a[-1:], n - len(a), axis=0)], axis=0)
 
 
 def score_answers(
