@@ -101,7 +101,7 @@ def batch_token_stats(logits, labels) -> list[TokenStats]:
     return out
 
 
-def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     """Pad the batch axis to ``n`` rows by repeating the last row (static shapes for jit)."""
     if len(a) == n:
         return a
@@ -121,8 +121,8 @@ def token_stats(
     n = len(input_ids)
     for s in range(0, n, batch_size):
         e = min(s + batch_size, n)
-        logits = logits_fn(_pad_rows(input_ids[s:e], batch_size), _pad_rows(attention_mask[s:e], batch_size))
-        out.extend(batch_token_stats(logits, _pad_rows(labels[s:e], batch_size))[: e - s])
+        logits = logits_fn(pad_rows(input_ids[s:e], batch_size), pad_rows(attention_mask[s:e], batch_size))
+        out.extend(batch_token_stats(logits, pad_rows(labels[s:e], batch_size))[: e - s])
     return out
 
 

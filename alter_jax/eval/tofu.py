@@ -77,7 +77,7 @@ from alter_jax.data.prompts import (IGNORE_INDEX, PromptFormat, encode_prompt, e
                                     resolve_format, with_system_prompt)
 from alter_jax.data.tofu import DEFAULT_SOURCE, EVAL_TASKS, TofuDataError, author_blocks, load_tofu_split
 from alter_jax.eval import mia as M
-from alter_jax.eval.memorization import TokenStats, _pad_rows, mean_defined, memorization_scores, token_stats
+from alter_jax.eval.memorization import TokenStats, pad_rows, mean_defined, memorization_scores, token_stats
 
 LogitsFn = Callable[[np.ndarray, np.ndarray], Any]
 GenerateFn = Callable[[np.ndarray, np.ndarray, int], Any]
@@ -178,9 +178,9 @@ def score_answers(
     starts = range(0, n, batch_size)
     for s in _progress(starts, desc, len(starts), progress):
         e = min(s + batch_size, n)
-        ids = _pad_rows(enc["input_ids"][s:e], batch_size)
-        mask = _pad_rows(enc["attention_mask"][s:e], batch_size)
-        labels = _pad_rows(enc["labels"][s:e], batch_size)
+        ids = pad_rows(enc["input_ids"][s:e], batch_size)
+        mask = pad_rows(enc["attention_mask"][s:e], batch_size)
+        labels = pad_rows(enc["labels"][s:e], batch_size)
         logits = logits_fn(ids, mask)
         ls, nt = answer_nll(logits, labels)
         sums[s:e], counts[s:e] = ls[: e - s], nt[: e - s]
@@ -229,7 +229,7 @@ def generate_answers(
                 f"{generation_max_length}; raise it or pass max_new_tokens"
             )
         ids, mask = left_pad(chunk, pad_id, L)
-        out = np.asarray(generate_fn(_pad_rows(ids, batch_size), _pad_rows(mask, batch_size), int(n_new)))
+        out = np.asarray(generate_fn(pad_rows(ids, batch_size), pad_rows(mask, batch_size), int(n_new)))
         for row in out[: len(chunk)]:
             row = row.tolist()
             if eos is not None and eos in row:
