@@ -246,10 +246,6 @@ def token_sets(labels, entropy, n_forget: int, settings: StepSettings, attention
     return TokenSets(targets, answer, high, answer - high, base, is_forget, real.astype(jnp.float32), pos)
 
 
-def _rows(x, is_forget):
-    return jnp.where(is_forget.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-
-
 # ----------------------------------------------------------------------------- ALTER terms
 def alter_scoring(settings: StepSettings) -> Scoring:
     """The token statistics ALTER's terms read (IHL, log p, and the drift entropy / KL if used)."""
