@@ -88,6 +88,7 @@ class RunCheckpointer:
         leaves, treedef = jax.tree_util.tree_flatten(template)
         target = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
         path = self.directory / str(step)
+        _quiet_closed_event_loops()  # a failed restore's orbax threads report "Event loop is closed"
         try:
             out = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
@@ -108,3 +109,29 @@ class RunCheckpointer:
             raise CheckpointCorrupt(f"checkpoint {path} holds {len(restored)} arrays, the run expects {len(target)}.")
         new_leaves = [jax.numpy.asarray(restored[k], dtype=np.asarray(x).dtype) for k, x in zip(sorted(target), leaves)]
         return jax.tree_util.tree_unflatten(treedef, new_leaves), dict(out["meta"]), step
+
+
+def _quiet_closed_event_loops() -> None:
+    """Drop the "Event loop is closed" RuntimeErrors that orbax's background threads raise after a
+    failed (damaged-checkpoint) restore, from both the thread and the unraisable hooks; every other
+    exception is reported as before. The caller reports the damaged checkpoint in one line."""
+    import sys
+    import threading
+
+    def closed(exc) -> bool:
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    prev_thread, prev_unraisable = threading.excepthook, sys.unraisablehook
+    if getattr(prev_thread, "_alter_quiet", False):
+        return
+
+    def thread_hook(args):
+        if not closed(args.exc_value):
+            prev_thread(args)
+
+    def unraisable_hook(u):
+        if not closed(u.exc_value):
+            prev_unraisable(u)
+
+    thread_hook._alter_quiet = True
+    threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
