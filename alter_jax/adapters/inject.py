@@ -21,12 +21,14 @@ def adapted_layers(model: Transformer) -> dict[str, AdaptableLinear]:
     return {k: v for k, v in linear_layers(model).items() if v.adapter is not None}
 
 
-def add_adapters(model: Transformer, cfg: AdapterConfig, *, seed: int = 0) -> Transformer:
+def add_adapters(model: Transformer, cfg: AdapterConfig, *, seed: int = 0, abstract: bool = False) -> Transformer:
     """Install an :class:`AsymLoRA` in every linear layer named in ``cfg.target_modules``.
 
     Targets are module names (``q_proj``) or dotted suffixes (``layers.0.self_attn.q_proj``).
     Raises :class:`AdapterTargetError` when a target matches nothing (a typo would
-    otherwise silently train nothing). Mutates and returns ``model``.
+    otherwise silently train nothing). Mutates and returns ``model``. ``abstract=True``
+    installs shape-only adapters (``nnx.eval_shape``, no initialisation runs) whose
+    variables the caller must fill with ``set_value`` (a loader does).
     """
     layers = linear_layers(model)
     rngs = nnx.Rngs(seed)
@@ -34,7 +36,12 @@ def add_adapters(model: Transformer, cfg: AdapterConfig, *, seed: int = 0) -> Tr
     for path, lin in sorted(layers.items(), key=lambda kv: _natural(kv[0])):
         for t in cfg.target_modules:
             if path == t or path.endswith("." + t):
-                lin.adapter = AsymLoRA(lin.d_in, lin.d_out, cfg, rngs=rngs, dtype=str(lin.dtype))
+                if abstract:
+                    lin.adapter = nnx.eval_shape(
+                        lambda lin=lin: AsymLoRA(lin.d_in, lin.d_out, cfg, rngs=nnx.Rngs(0), dtype=str(lin.dtype))
+                    )
+                else:
+                    lin.adapter = AsymLoRA(lin.d_in, lin.d_out, cfg, rngs=rngs, dtype=str(lin.dtype))
                 matched[t] += 1
                 break
     unmatched = [t for t, n in matched.items() if n == 0]

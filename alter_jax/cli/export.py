@@ -69,30 +69,30 @@ def read_run(run_dir: Path):
 
 
 def _load_backbone(run):
-    from alter_jax.io.hf import load_pretrained, load_tokenizer
+    from alter_jax.io.hf import load_pretrained
     from alter_jax.train.loop import resolve_run_model
 
     try:
         folder = resolve_run_model(run.model.name)
         model = load_pretrained(folder, dtype=run.model.dtype, param_dtype=run.model.param_dtype)
-        return model, load_tokenizer(folder), folder
+        return model, folder
     except (ValueError, OSError) as e:
         raise CliError(f"the run's base model {run.model.name!r} cannot be loaded: {e}") from None
 
 
 def load_run_model(run_dir: Path, run):
-    """The run's backbone with its adapter installed: ``(model, tokenizer, extra, base_folder)``."""
+    """The run's backbone with its adapter installed: ``(model, extra, base_folder)``."""
     from alter_jax.io.alter import load_alter_adapter
 
     adapter = run_dir / "adapter"
     if not adapter.is_dir():
         raise CliError(f"--run {run_dir}: no adapter/ folder; the run is not finished (rerun bin/unlearn to finish it)")
-    model, tok, folder = _load_backbone(run)
+    model, folder = _load_backbone(run)
     try:
         model, extra = load_alter_adapter(model, adapter)
     except ValueError as e:
         raise CliError(str(e)) from None
-    return model, tok, extra, folder
+    return model, extra, folder
 
 
 def _check_expert(expert: int, num_experts: int, method: str) -> None:
@@ -142,13 +142,13 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
         src = run_dir / "model"
         if not (src / "config.json").is_file():
             raise CliError(f"--run {run_dir}: no model/ folder; the run is not finished (rerun bin/unlearn to finish it)")
-        from alter_jax.io.hf import load_pretrained, load_tokenizer
+        from alter_jax.io.hf import load_pretrained
 
         model = load_pretrained(src, dtype=run.model.dtype)
-        save_pretrained(model, out, dtype=dtype, tokenizer=load_tokenizer(src))
+        save_pretrained(model, out, dtype=dtype, tokenizer=src)
         return summary
 
-    model, tok, extra, base = load_run_model(run_dir, run)
+    model, extra, base = load_run_model(run_dir, run)
     check_out(out, Path(base), "base model folder", safe)
     cfg = single_config(adapted_layers(model))
     summary.update(base_model=str(base), num_experts=cfg.num_experts, layers=len(adapted_layers(model)))
@@ -165,7 +165,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
 
         save_peft_adapter(model, out, expert=expert, base_model_name_or_path=str(base))
     else:
-        save_pretrained(merged_backbone(model, expert), out, dtype=dtype, tokenizer=tok)
+        save_pretrained(merged_backbone(model, expert), out, dtype=dtype, tokenizer=Path(base))
     if method.asymmetric:
         summary["warning"] = single_expert_warning(method.name, expert, cfg.num_experts)
         _write_readme(out, summary)

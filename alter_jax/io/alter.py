@@ -297,9 +297,9 @@ def load_alter_adapter(model: Transformer, adapter_dir: str | os.PathLike) -> tu
             f"{w_file}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
             "the run that wrote it diverged. Rerun it with a lower learning rate in a new output_dir."
         )
-    add_adapters(model, cfg)
+    add_adapters(model, cfg, abstract=True)  # every variable is filled below: no initialisation to run
     for name, path in zip(layer_names, paths):
         ad = linears[path].adapter
         for group in _expected_shapes(linears[path], cfg):
-            getattr(ad, group)[...] = jnp.asarray(tensors[f"{name}.{group}"])
+            getattr(ad, group).set_value(jnp.asarray(tensors[f"{name}.{group}"], jnp.float32))
     return model, extra

@@ -254,7 +254,9 @@ def save_pretrained(
 ) -> Path:
     """Write a HF folder (config.json, safetensors, optional tokenizer) that transformers loads.
 
-    With ``max_shard_bytes`` the weights are split into shards with a
+    ``tokenizer``: a transformers tokenizer (saved with its ``save_pretrained``) or a model
+    folder whose tokenizer files are copied unchanged (:func:`copy_tokenizer_files`; no
+    transformers import). With ``max_shard_bytes`` the weights are split into shards with a
     ``model.safetensors.index.json``. The folder appears atomically.
     """
     out_dir = Path(out_dir)
@@ -279,6 +281,27 @@ def save_pretrained(
                 weight_map.update({k: fname for k in shard})
             total = sum(a.nbytes for s in shards for a in s.values())
             (tmp / WEIGHT_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            copy_tokenizer_files(tokenizer, tmp)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
+
+
+#: Files a Hugging Face tokenizer is saved as (fast and slow tokenizers, chat templates).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files (:data:`TOKENIZER_FILES`) of model folder ``src`` into ``dst``;
+    returns the names copied. Byte-identical to the source, and ~3 s faster than loading the
+    tokenizer with transformers only to save it again."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

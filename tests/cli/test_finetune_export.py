@@ -74,7 +74,7 @@ def alter_run(tmp_path_factory):
 
 
 def _our_logits(run_dir: Path, ids: np.ndarray, expert: int) -> np.ndarray:
-    model, _, _, _ = export_cli.load_run_model(run_dir, export_cli.read_run(run_dir)[0])
+    model, _, _ = export_cli.load_run_model(run_dir, export_cli.read_run(run_dir)[0])
     ctx = HardRouting(expert=jnp.full((ids.shape[0],), expert, jnp.int32))
     return np.asarray(model(jnp.asarray(ids), adapter_ctx=ctx))
 

@@ -89,6 +89,28 @@ def test_round_trip_parameters_and_logits(base, saved):
     assert np.abs(np.asarray(model(ids, mask, adapter_ctx=gated)) - np.asarray(model(ids, mask))).max() > 1e-3
 
 
+
+def test_load_runs_no_initialisation(base, saved):
+    """Loading fills shape-only adapters (issue 14: an export took 10 s, most of it compiling the
+    random initialisers of adapters that the load overwrites at once): no XLA compilation runs
+    inside ``load_alter_adapter``, and no variable is left abstract."""
+    _, out = saved
+    backbone = load_pretrained(base)
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        loaded, _ = load_alter_adapter(backbone, out)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    leaves = jax.tree_util.tree_leaves(adapter_state(loaded))
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+
 def test_config_file_contents(saved):
     _, out = saved
     cfg = json.loads((out / "alter_config.json").read_text())
