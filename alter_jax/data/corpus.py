@@ -35,12 +35,12 @@ def load_text_split(name: str, source: str | os.PathLike, *, field: str = "text"
         rows = json.loads(text) if text.startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
         origin = str(f)
     else:
-        import datasets
+        from alter_jax.data.hub import HubDatasetError, load_hub_dataset
 
         try:
-            rows = list(datasets.load_dataset(str(source), name, split="train"))
-        except Exception as e:  # hub or dataset errors
-            raise CorpusError(f"cannot load {name!r} from {source!r} ({type(e).__name__}: {e}); "
+            rows = list(load_hub_dataset(str(source), name, "train"))
+        except HubDatasetError as e:
+            raise CorpusError(f"cannot load {name!r} from {source!r} ({e}); "
                               "pass a local folder with <split>.jsonl files of {\"text\": ...} rows") from None
         origin = f"{source}:{name}"
     out = []

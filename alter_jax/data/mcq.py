@@ -175,25 +175,13 @@ def load_mcq_file(path: str | Path, subject: str | None = None) -> list[MCQItem]
 
 
 def _load_hub(hub_id: str, config: str, split: str) -> list[Any]:
-    import os
+    from alter_jax.data.hub import HubDatasetError, load_hub_dataset
 
-    from alter_jax.models.registry import hub_reachable
-
-    reachable = hub_reachable()
-    if not reachable:  # read the local datasets cache only: no retry back-off (issue 14: 28 s of retries)
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import datasets
-
-    if not reachable:
-        datasets.config.HF_HUB_OFFLINE = True
     try:
-        ds = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as e:  # network, unknown config, ...
-        reason = " ".join(str(e).split())[:200].rsplit(" ", 1)[0]
-        where = ("the Hugging Face hub is not reachable and the datasets cache does not hold it" if not reachable
-                 else f"{type(e).__name__}: {reason}")
+        ds = load_hub_dataset(hub_id, config, split)
+    except HubDatasetError as e:
         raise MCQDataError(
-            f"could not load {hub_id!r} config {config!r} split {split!r} ({where}). Valid tasks: "
+            f"could not load {hub_id!r} config {config!r} split {split!r} ({e}). Valid tasks: "
             f"{', '.join(WMDP_CONFIGS)}, mmlu, mmlu:<subject>, or a local {'/'.join(LOCAL_SUFFIXES)} file; offline, "
             "save the split as such a file and pass its path."
         ) from e

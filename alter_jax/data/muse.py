@@ -145,14 +145,14 @@ def load_muse_split(source: str | Path, config: str, split: str) -> list[dict[st
     hub_id = MUSE_HUB.get(s.lower(), s)
     if "/" not in hub_id:
         raise MuseDataError(f"MUSE source {s!r} is neither a folder nor one of {list(MUSE_HUB)} nor a hub id 'owner/name'")
-    import datasets
+    from alter_jax.data.hub import HubDatasetError, load_hub_dataset
 
     try:
-        ds = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as e:
+        ds = load_hub_dataset(hub_id, config, split)
+    except HubDatasetError as e:
         raise MuseDataError(
-            f"could not load {hub_id!r} config {config!r} split {split!r} from the Hugging Face hub "
-            f"({type(e).__name__}: {e}). Offline? Save it as <folder>/{config}/{split}.json and pass the folder."
+            f"could not load {hub_id!r} config {config!r} split {split!r} ({e}). "
+            f"Offline? Save it as <folder>/{config}/{split}.json and pass the folder."
         ) from e
     return rows_to_records(list(ds), config, f"{hub_id}/{config}[{split}]")
 

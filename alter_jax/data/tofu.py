@@ -118,14 +118,15 @@ def _read_local(folder: Path, name: str) -> tuple[list[dict], str]:
 
 
 def _read_hub(hub_id: str, name: str) -> tuple[list[dict], str]:
-    import datasets
+    from alter_jax.data.hub import HubDatasetError, load_hub_dataset
 
     try:
-        ds = datasets.load_dataset(hub_id, name, split="train")
-    except Exception as e:  # network, missing config, ...
+        ds = load_hub_dataset(hub_id, name, "train")
+    except HubDatasetError as e:
+        hint = "check the split name, or pass" if e.reachable else "pass"
         raise TofuDataError(
-            f"could not load split {name!r} of {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            f"check the split name, or pass a local TOFU folder (no folder named {hub_id!r} exists here)"
+            f"could not load split {name!r} of {hub_id!r} ({e}); {hint} a local TOFU folder "
+            f"(no folder named {hub_id!r} exists here)"
         ) from e
     rows = [dict(r) for r in ds]
     if not rows:

@@ -19,11 +19,12 @@ parameters as an uninterrupted run (bitwise on CPU: data order is a function of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
 from alter_jax.train.methods import MethodSpec, backbone_filter, get_method
 from alter_jax.train.optim import group_learning_rates, make_optimizer
 from alter_jax.train.prepare import answer_token_values, backbone_statistics, encode, subdomain_experts
-from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model
+from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model, term_counts
 
 SIDES = ("forget", "retain")
 
@@ -381,6 +382,43 @@ def _device_batch(batch: dict) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, batch)
 
 
+def weighted_windows(items: Iterable[tuple[Any, dict]], k: int, counts_fn: Callable[[dict], dict],
+                     start: int = 0) -> Iterator[tuple[Any, dict]]:
+    """Token-weighted gradient accumulation (``optim.grad_accum = k``; ``train.step`` module doc).
+
+    ``items``: ``(key, batch)`` for every micro-batch in training order, from the first
+    (global index 0), each already cut to its bucket. Micro-batches are grouped in windows of
+    ``k`` (the updates of ``optax.MultiSteps``, which counts from the same index 0); each
+    batch of a window gets ``batch["weights"] = {term: k·c_i / Σ_j c_j}`` from
+    ``counts_fn(batch)`` (:func:`alter_jax.train.step.term_counts`). Yields the items from index
+    ``start`` on (a resume inside a window still weighs by the whole window). ``k = 1``
+    passes the batches through unchanged."""
+    from alter_jax.train.step import accumulation_weights
+
+    if k <= 1:
+        for g, item in enumerate(items):
+            if g >= start:
+                yield item
+        return
+    window: list[tuple[int, Any, dict]] = []
+
+    def flush():
+        if window[-1][0] < start:  # a window finished before the resume point
+            return
+        counts = [{t: float(v) for t, v in counts_fn(_device_batch(b)).items()} for _, _, b in window]
+        for (g, key, b), w in zip(window, accumulation_weights(counts)):
+            if g >= start:
+                yield key, {**b, "weights": {t: np.float32(v) for t, v in w.items()}}
+
+    for g, (key, batch) in enumerate(items):
+        window.append((g, key, batch))
+        if len(window) == k:
+            yield from flush()
+            window = []
+    if window:  # a last, short window: MultiSteps will not apply it (the run's step count decides)
+        yield from flush()
+
+
 def unlearn(
     run: C.RunConfig,
     *,
@@ -559,42 +597,47 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     initialize_distributed()
     mesh = make_mesh(run.mesh)
     example = next(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed))
-    example = _device_batch(bucket_batch(fill_batch(example, run.train.batch_size), run.model.length_bucket))
+    example = bucket_batch(fill_batch(example, run.train.batch_size), run.model.length_bucket)
+    if run.optim.grad_accum > 1:  # the batch pytree then carries the accumulation weights
+        example = {**example, "weights": {t: np.float32(1.0) for t in term_counts(_device_batch(example),
+                                                                                  _settings(method, run, threshold))}}
+    example = _device_batch(example)
     step_fn, state, frozen, _ = shard_train_step(_settings(method, run, threshold), tx, state, frozen, example, mesh)
     batch_sh = batch_shardings(example, mesh)
     bar = tqdm(total=total_steps, initial=int(state.step), desc=f"unlearn[{method.name}]", disable=not progress)
     t0, tokens = time.perf_counter(), 0
     done = int(state.step) >= total_steps
-    for epoch in range(position["epoch"], run.train.epochs):
-        if done:
+
+    def schedule():  # every micro-batch of phase II in order: ((epoch, index), bucketed batch)
+        for epoch in range(run.train.epochs):
+            for b_idx, batch in enumerate(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
+                                                                seed=run.train.seed, epoch=epoch)):
+                yield (epoch, b_idx), bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
+
+    counts_fn = jax.jit(functools.partial(term_counts, settings=_settings(method, run, threshold)))
+    micro = weighted_windows(schedule(), run.optim.grad_accum, counts_fn, start=int(state.step))
+    for (epoch, b_idx), batch in ([] if done else micro):
+        state, m = step_fn(state, frozen, place(_device_batch(batch), batch_sh))
+        step = int(state.step)
+        tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
+        m = {k: float(v) for k, v in m.items()}
+        check_finite_step(m, step, "main", run, lrs, ckpt, out)
+        rate = tokens / (time.perf_counter() - t0)
+        _append_jsonl(metrics_file, {"step": step, "epoch": epoch, "phase": "main", **m, "tokens_per_s": rate})
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:.0f}")
+        bar.update()
+        last = step >= total_steps
+        nxt = {"epoch": epoch, "batch": b_idx + 1}
+        if step % run.train.checkpoint_every == 0 or last:
+            if not bool(_all_finite(state.trainable)):  # finite step, but the update overflowed
+                raise Diverged(_diverged_message(f"the update of step {step} made parameters non-finite", run, lrs,
+                                                 "main", ckpt.latest_step(), out))
+            ckpt.save(step, state, {**nxt, "seed": run.train.seed, "hash": snapshot["hash"]})
+        if interrupt_after_step is not None and step == interrupt_after_step:
+            raise KeyboardInterrupt(f"simulated interruption after step {step}")
+        if last:
+            done = True
             break
-        batches = forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed,
-                                        epoch=epoch)
-        for b_idx, batch in enumerate(batches):
-            if epoch == position["epoch"] and b_idx < position["batch"]:
-                continue
-            batch = bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
-            state, m = step_fn(state, frozen, place(_device_batch(batch), batch_sh))
-            step = int(state.step)
-            tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
-            m = {k: float(v) for k, v in m.items()}
-            check_finite_step(m, step, "main", run, lrs, ckpt, out)
-            rate = tokens / (time.perf_counter() - t0)
-            _append_jsonl(metrics_file, {"step": step, "epoch": epoch, "phase": "main", **m, "tokens_per_s": rate})
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:.0f}")
-            bar.update()
-            last = step >= total_steps
-            nxt = {"epoch": epoch, "batch": b_idx + 1}
-            if step % run.train.checkpoint_every == 0 or last:
-                if not bool(_all_finite(state.trainable)):  # finite step, but the update overflowed
-                    raise Diverged(_diverged_message(f"the update of step {step} made parameters non-finite", run, lrs,
-                                                     "main", ckpt.latest_step(), out))
-                ckpt.save(step, state, {**nxt, "seed": run.train.seed, "hash": snapshot["hash"]})
-            if interrupt_after_step is not None and step == interrupt_after_step:
-                raise KeyboardInterrupt(f"simulated interruption after step {step}")
-            if last:
-                done = True
-                break
     bar.close()
     if not bool(_all_finite(state.trainable)):  # never export a non-finite result (resumed runs included)
         raise Diverged(f"training diverged: the parameters after step {int(state.step)} (checkpoint "
@@ -631,19 +674,26 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
     step_fn = jit_train_step(_settings(method, run, threshold, "phase1"), tx)
     if metrics_file.exists():
         metrics_file.unlink()
-    epoch, bar = 0, tqdm(total=run.train.phase1_steps, desc="phase I", disable=not progress)
-    while int(state.step) < run.train.phase1_steps:
-        for batch in forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
-                                           seed=run.train.seed + 7919, epoch=epoch):
-            batch = bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
-            state, m = step_fn(state, frozen, _device_batch(batch))
-            m = {k: float(v) for k, v in m.items()}
-            check_finite_step(m, int(state.step), "phase1", run, lrs1, None, metrics_file.parent)
-            _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **m})
-            bar.update()
-            if int(state.step) >= run.train.phase1_steps:
-                break
-        epoch += 1
+    bar = tqdm(total=run.train.phase1_steps, desc="phase I", disable=not progress)
+    settings = _settings(method, run, threshold, "phase1")
+
+    def schedule():  # as many epochs as phase1_steps needs
+        epoch = 0
+        while True:
+            for batch in forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
+                                               seed=run.train.seed + 7919, epoch=epoch):
+                yield epoch, bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
+            epoch += 1
+
+    counts_fn = jax.jit(functools.partial(term_counts, settings=settings))
+    for _, batch in weighted_windows(schedule(), run.optim.grad_accum, counts_fn):
+        state, m = step_fn(state, frozen, _device_batch(batch))
+        m = {k: float(v) for k, v in m.items()}
+        check_finite_step(m, int(state.step), "phase1", run, lrs1, None, metrics_file.parent)
+        _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **m})
+        bar.update()
+        if int(state.step) >= run.train.phase1_steps:
+            break
     bar.close()
     nnx.update(model, *state.trainable.values())
     # every expert starts as a copy of B_s (spec §4)

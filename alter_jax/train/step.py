@@ -26,6 +26,13 @@ head runs only at the scored positions of each row (``batch[...]["score_pos"]``,
 logits (:func:`token_statistics`); every loss is a function of those
 (``losses.*_from_log_likelihood``). With ``StepSettings.head_chunk`` the head is evaluated in
 blocks under ``jax.checkpoint``, bounding the live logits at ``[B, chunk, V]``.
+
+**Token-weighted accumulation.** Each loss term is a mean over its own tokens (or examples).
+With ``optim.grad_accum = K`` the loop gives each micro-batch ``i`` of an accumulation window
+the weights ``batch["weights"][term] = K·c_i / Σ_j c_j`` (:func:`term_counts` gives ``c``), so
+that the mean that ``optax.MultiSteps`` applies is ``Σ_i Σ_t ℓ_t / Σ_i c_i``: the term's mean
+over every token of the window, as one batch of all its rows would give, not a mean of
+per-micro-batch means.
 """
 
 from __future__ import annotations
@@ -116,6 +123,12 @@ def score_positions(batch: Batch) -> jax.Array:
         return _concat(batch, "score_pos")
     ids = _concat(batch, "input_ids")
     return jnp.broadcast_to(jnp.arange(ids.shape[1] - 1, dtype=jnp.int32), (ids.shape[0], ids.shape[1] - 1))
+
+
+def term_weight(batch: Batch, term: str) -> jax.Array | float:
+    """The accumulation weight of a loss term in this micro-batch (1 without accumulation)."""
+    w = batch.get("weights")
+    return 1.0 if w is None else w[term]
 
 
 def gather_next(x: jax.Array, pos: jax.Array, fill) -> jax.Array:
@@ -255,12 +268,13 @@ def alter_scoring(settings: StepSettings) -> Scoring:
     return Scoring(want=want, q=settings.q, chunk=settings.head_chunk)
 
 
-def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSettings):
+def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSettings, weights=None):
     """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router).
 
     ``stats``: the per-token statistics at the scored positions (:func:`token_statistics`);
     ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8), ``L_retain`` = mean NLL (or KL) over retain
-    answer tokens."""
+    answer tokens. ``weights``: the accumulation weight per term (module doc; the metrics stay
+    unweighted)."""
     lc = settings.loss
     f = ts.is_forget.astype(jnp.float32)[:, None]
     forget = L.masked_mean(stats["ihl"], ts.low * f)
@@ -274,19 +288,21 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
         # every real token is routed at inference, prompt included: train the router on all of them
         tgt = jnp.broadcast_to(expert[:, None], ts.real.shape)
         route = sum(L.router_cross_entropy(r, tgt, ts.real) for r in router_logits) / len(router_logits)
-    total = lc.beta * forget + lc.gamma * retain + lc.mu_route * route
+    w = weights or {}
+    total = (lc.beta * w.get("forget", 1.0) * forget + lc.gamma * w.get("retain", 1.0) * retain
+             + lc.mu_route * w.get("route", 1.0) * route)
     return total, {"forget_ihl": forget, "retain": retain, "route": route}
 
 
-def alter_a_terms(stats, ts: TokenSets, settings: StepSettings):
+def alter_a_terms(stats, ts: TokenSets, settings: StepSettings, weights=None):
     """L_A (NLL on high-entropy tokens) + λ·drift penalty (owner: shared A), from the per-token
-    statistics at the scored positions."""
+    statistics at the scored positions (both means over the high-entropy tokens: one weight)."""
     lc = settings.loss
     la = L.nll_from_log_likelihood(stats["logp"], ts.high)
     struct_ = jnp.zeros((), jnp.float32)
     if lc.struct_penalty == "drift":
         struct_ = L.entropy_drift_penalty(stats["entropy"], ts.base_entropy, ts.high)
-    return la + lc.lambda_struct * struct_, {"nll_high": la, "struct": struct_}
+    return (weights or {}).get("a", 1.0) * (la + lc.lambda_struct * struct_), {"nll_high": la, "struct": struct_}
 
 
 def struct_grad_penalty(a_state, trainable, frozen: "Frozen", ids, mask, expert, ts: TokenSets, settings: StepSettings):
@@ -325,24 +341,30 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
         lambda tr: forward(frozen.graphdef, tr, frozen.parts, ids, mask, ctx, sow_router=sow, ts=ts, scoring=scoring,
                            ref=ref), trainable
     )
+    weights = batch.get("weights")
     (lb, mb), (d_stats_b, d_router) = jax.value_and_grad(
-        lambda st, rl: alter_b_terms(st, rl, ts, expert, settings), argnums=(0, 1), has_aux=True
+        lambda st, rl: alter_b_terms(st, rl, ts, expert, settings, weights), argnums=(0, 1), has_aux=True
     )(stats, router_logits)
     (grads,) = pullback((d_stats_b, d_router))
     grads = {g: grads[g] for g in trainable if g != "shared_a"}
     la, ma = jnp.zeros((), jnp.float32), {}
     if "shared_a" in trainable:
-        (la, ma), d_stats_a = jax.value_and_grad(lambda st: alter_a_terms(st, ts, settings), has_aux=True)(stats)
+        (la, ma), d_stats_a = jax.value_and_grad(lambda st: alter_a_terms(st, ts, settings, weights), has_aux=True)(stats)
         zeros_r = [jnp.zeros_like(r) for r in router_logits]
         (grads_a,) = pullback((d_stats_a, zeros_r))
         grads["shared_a"] = grads_a["shared_a"]
         if settings.loss.struct_penalty == "grad":
             pen, g_pen = jax.value_and_grad(struct_grad_penalty)(
                 trainable["shared_a"], trainable, frozen, ids, mask, expert, ts, settings)
-            grads["shared_a"] = jax.tree_util.tree_map(jnp.add, grads["shared_a"], g_pen)
+            w_a = term_weight(batch, "a")  # the squared norm of a mean: weighted as its tokens, not exact
+            grads["shared_a"] = jax.tree_util.tree_map(lambda g, p: g + w_a * p, grads["shared_a"], g_pen)
             la, ma = la + pen, {**ma, "struct": pen / max(settings.loss.lambda_struct, 1e-12)}
-    metrics = {"loss": lb + la, **mb, **ma, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
-    return lb + la, metrics, grads
+    lc = settings.loss
+    loss = lc.beta * mb["forget_ihl"] + lc.gamma * mb["retain"] + lc.mu_route * mb["route"]  # unweighted
+    if "shared_a" in trainable:
+        loss = loss + ma["nll_high"] + lc.lambda_struct * ma["struct"]
+    metrics = {"loss": loss, **mb, **ma, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
+    return loss, metrics, grads
 
 
 def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings, terms=("forget", "retain", "a", "route")):
@@ -415,7 +437,9 @@ def generic_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings
     elif retain_kind == "kl":
         retain = L.masked_mean(stats["kl"], mr)
     total = lc.beta * forget + (lc.gamma * retain if retain_kind else 0.0)
-    return total, {"loss": total, "forget": forget, "retain": retain}
+    weighted = lc.beta * term_weight(batch, "forget") * forget + (
+        lc.gamma * term_weight(batch, "retain") * retain if retain_kind else 0.0)
+    return weighted, {"loss": total, "forget": forget, "retain": retain}
 
 
 def rmu_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
@@ -429,17 +453,20 @@ def rmu_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
     n_forget = batch["forget"]["input_ids"].shape[0]
     ids, mask, labels = _concat(batch, "input_ids"), _concat(batch, "attention_mask"), _concat(batch, "labels")
 
-    def activations(tr):
-        return merge_model(frozen.graphdef, tr, frozen.parts).layer_output(ids, mask, lc.rmu_layer)
+    def activations(tr, rows=slice(None)):
+        return merge_model(frozen.graphdef, tr, frozen.parts).layer_output(ids[rows], mask[rows], lc.rmu_layer)
 
     h = activations(trainable)
-    h_ref = jax.lax.stop_gradient(activations({**trainable, "backbone": frozen.reference}))
+    # the frozen model is compared on retain rows only, so its forward runs on those alone
+    retain_rows = slice(n_forget, None)
+    h_ref = jax.lax.stop_gradient(activations({**trainable, "backbone": frozen.reference}, retain_rows))
     scored = (labels != L.IGNORE_INDEX).astype(jnp.float32)
     f = (jnp.arange(ids.shape[0]) < n_forget).astype(jnp.float32)[:, None]
     forget = L.rmu_activation_loss(h, jnp.broadcast_to(frozen.control.astype(h.dtype), h.shape), scored * f)
-    retain = L.rmu_activation_loss(h, h_ref, scored * (1 - f))
+    retain = L.rmu_activation_loss(h[retain_rows], h_ref, scored[retain_rows])
     total = lc.beta * forget + lc.gamma * retain
-    return total, {"loss": total, "forget": forget, "retain": retain}
+    weighted = lc.beta * term_weight(batch, "forget") * forget + lc.gamma * term_weight(batch, "retain") * retain
+    return weighted, {"loss": total, "forget": forget, "retain": retain}
 
 
 def rmu_control(hidden_size: int, steering: float, seed: int) -> jax.Array:
@@ -457,18 +484,57 @@ def phase1_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
     stats, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, None, ts=ts,
                        scoring=Scoring(("logp",), chunk=settings.head_chunk))
     loss = L.nll_from_log_likelihood(stats["logp"], ts.high)
-    return loss, {"loss": loss, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
+    metrics = {"loss": loss, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
+    return term_weight(batch, "a") * loss, metrics
 
 
 def loss_and_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    """``(loss, metrics, grads)``; ``loss`` and the metrics are this micro-batch's unweighted
+    values, ``grads`` carry the accumulation weights (module doc)."""
     if settings.phase == "phase1":
-        (loss, metrics), grads = jax.value_and_grad(phase1_loss, has_aux=True)(trainable, frozen, batch, settings)
-        return loss, metrics, grads
-    if settings.method.asymmetric:
+        fn = phase1_loss
+    elif settings.method.asymmetric:
         return alter_grads(trainable, frozen, batch, settings)
-    fn = rmu_loss if settings.method.forget_loss == "rmu" else generic_loss
-    (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(trainable, frozen, batch, settings)
-    return loss, metrics, grads
+    else:
+        fn = rmu_loss if settings.method.forget_loss == "rmu" else generic_loss
+    (_, metrics), grads = jax.value_and_grad(fn, has_aux=True)(trainable, frozen, batch, settings)
+    return metrics["loss"], metrics, grads
+
+
+def term_counts(batch: Batch, settings: StepSettings) -> dict[str, jax.Array]:
+    """What each loss term of this micro-batch averages over (float32 scalars): token counts
+    for token means, example counts for the per-example losses (NPO, SimNPO, RMU). The
+    loop turns them into accumulation weights (module doc)."""
+    n_forget = batch["forget"]["input_ids"].shape[0]
+    labels, mask = _concat(batch, "labels"), _concat(batch, "attention_mask")
+    spec = settings.method
+    entropy = _concat(batch, "entropy") if (spec.asymmetric or settings.phase == "phase1") else None
+    ts = token_sets(labels, entropy, n_forget, settings, mask, score_positions(batch))
+    f = ts.is_forget.astype(jnp.float32)[:, None]
+    tokens = lambda m: jnp.sum(m)  # noqa: E731
+    examples = lambda m: jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))  # noqa: E731
+    if settings.phase == "phase1":
+        return {"a": tokens(ts.high)}
+    if spec.asymmetric:  # the terms of the groups this method trains
+        counts = {"forget": tokens(ts.low * f), "retain": tokens(ts.answer * (1 - f))}
+        if "router" in spec.trainable:
+            counts["route"] = tokens(ts.real)
+        if "shared_a" in spec.trainable:
+            counts["a"] = tokens(ts.high)
+        return counts
+    if spec.forget_loss == "rmu":
+        scored = (labels != L.IGNORE_INDEX).astype(jnp.float32)
+        return {"forget": examples(scored * f), "retain": examples(scored * (1 - f))}
+    forget = examples if spec.forget_loss in ("npo", "simnpo") else tokens
+    return {"forget": forget(ts.answer * f), "retain": tokens(ts.answer * (1 - f))}
+
+
+def accumulation_weights(counts: list[dict[str, float]]) -> list[dict[str, float]]:
+    """``w_i[term] = K·c_i / Σ_j c_j`` for the K micro-batches of one accumulation window
+    (0 where a term has no tokens in the whole window)."""
+    k = len(counts)
+    totals = {t: sum(c[t] for c in counts) for t in counts[0]}
+    return [{t: (k * c[t] / totals[t] if totals[t] > 0 else 0.0) for t in c} for c in counts]
 
 
 def train_step(state: TrainState, frozen: Frozen, batch: Batch, *, settings: StepSettings, tx: optax.GradientTransformation):

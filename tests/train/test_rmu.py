@@ -78,6 +78,23 @@ def test_loss_is_differentiated_only_in_the_chosen_parameters(batch):
     assert float(metrics["forget"]) > 0.0 and float(loss) == pytest.approx(float(metrics["forget"]))
 
 
+def test_retain_term_is_the_formula_over_retain_rows(batch):
+    """The frozen model's activations are computed on the retain rows only (its forward is not
+    run on forget rows); the term is RMU's per-example mean against them (Eq. 2)."""
+    _, _, trainable, frozen, settings = setup(layer=1)
+    perturbed = jax.tree_util.tree_map(lambda x: x * 1.1, trainable)  # retain activations now differ
+    jb = jax.tree_util.tree_map(jnp.asarray, batch)
+    _, metrics = rmu_loss(perturbed, frozen, jb, settings)
+    cat = lambda k: np.concatenate([batch["forget"][k], batch["retain"][k]])  # noqa: E731
+    ids, mask, labels = cat("input_ids"), cat("attention_mask"), cat("labels")
+    h = np.asarray(merge_model(frozen.graphdef, perturbed, frozen.parts).layer_output(ids, mask, 1))
+    h0 = np.asarray(merge_model(frozen.graphdef, {**perturbed, "backbone": frozen.reference}, frozen.parts)
+                    .layer_output(ids, mask, 1))
+    n = len(batch["forget"]["input_ids"])
+    per = [((h[i] - h0[i]) ** 2).mean(-1)[labels[i] != -100].mean() for i in range(n, len(ids))]
+    assert float(metrics["retain"]) > 0 and float(metrics["retain"]) == pytest.approx(float(np.mean(per)), rel=1e-5)
+
+
 @pytest.mark.parametrize("loss_kw, message", [
     (dict(rmu_layer=2), r"config.loss.rmu_layer = 2: the model has 2 decoder layers; choose 0..1"),
     (dict(rmu_layer=1, rmu_params="(unclosed"), r"config.loss.rmu_params = '\(unclosed' is not a regular expression"),
