@@ -382,33 +382,39 @@ def _device_batch(batch: dict) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, batch)
 
 
-def weighted_windows(items: Iterable[tuple[Any, dict]], k: int, counts_fn: Callable[[dict], dict],
-                     start: int = 0) -> Iterator[tuple[Any, dict]]:
+def weighted_windows(items: Iterable[tuple[Any, Any]], k: int, counts_fn: Callable[[dict], dict],
+                     start: int = 0, put: Callable[[float], Any] = np.float32) -> Iterator[tuple[Any, dict]]:
     """Token-weighted gradient accumulation (``optim.grad_accum = k``; ``train.step`` module doc).
 
     ``items``: ``(key, batch)`` for every micro-batch in training order, from the first
-    (global index 0), each already cut to its bucket. Micro-batches are grouped in windows of
+    (global index 0), each already cut to its bucket; ``batch`` may be a function that makes it
+    (called only for the windows that are yielded, so a resume builds no skipped batch). Micro-batches are grouped in windows of
     ``k`` (the updates of ``optax.MultiSteps``, which counts from the same index 0); each
     batch of a window gets ``batch["weights"] = {term: k·c_i / Σ_j c_j}`` from
     ``counts_fn(batch)`` (:func:`alter_jax.train.step.term_counts`). Yields the items from index
-    ``start`` on (a resume inside a window still weighs by the whole window). ``k = 1``
-    passes the batches through unchanged."""
+    ``start`` on (a resume inside a window still weighs by the whole window); ``put`` makes each
+    weight a step input (a host scalar, or a replicated global array under several processes).
+    ``k = 1`` passes the batches through unchanged."""
     from alter_jax.train.step import accumulation_weights
 
+    def made(b):
+        return b() if callable(b) else b
+
     if k <= 1:
-        for g, item in enumerate(items):
+        for g, (key, b) in enumerate(items):
             if g >= start:
-                yield item
+                yield key, made(b)
         return
-    window: list[tuple[int, Any, dict]] = []
+    window: list[tuple[int, Any, Any]] = []
 
     def flush():
         if window[-1][0] < start:  # a window finished before the resume point
             return
-        counts = [{t: float(v) for t, v in counts_fn(_device_batch(b)).items()} for _, _, b in window]
-        for (g, key, b), w in zip(window, accumulation_weights(counts)):
+        batches = [made(b) for _, _, b in window]
+        counts = [{t: float(v) for t, v in counts_fn(_device_batch(b)).items()} for b in batches]
+        for (g, key, _), b, w in zip(window, batches, accumulation_weights(counts)):
             if g >= start:
-                yield key, {**b, "weights": {t: np.float32(v) for t, v in w.items()}}
+                yield key, {**b, "weights": {t: put(v) for t, v in w.items()}}
 
     for g, (key, batch) in enumerate(items):
         window.append((g, key, batch))

@@ -80,6 +80,10 @@ def test_windows_align_with_the_step_count_and_resume_inside_a_window():
     resumed = list(weighted_windows(iter(items), 3, counts_fn, start=4))  # step 4 is inside window 3..5
     assert [k for k, _ in resumed] == [4, 5, 6]
     assert [float(b["weights"]["t"]) for _, b in resumed] == [float(b["weights"]["t"]) for _, b in out[4:]]
+    made = []
+    lazy = [(g, (lambda g=g: made.append(g) or {"n": g})) for g in range(7)]  # batches built on demand
+    assert [k for k, _ in weighted_windows(iter(lazy), 3, counts_fn, start=4)] == [4, 5, 6]
+    assert made == [3, 4, 5, 6]  # the window before the resume point is never built
     assert [k for k, _ in weighted_windows(iter(items), 1, counts_fn, start=5)] == [5, 6]
     assert all("weights" not in b for _, b in weighted_windows(iter(items), 1, counts_fn))
 
