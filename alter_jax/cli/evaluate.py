@@ -132,6 +132,13 @@ metrics (docs/eval_definitions.md gives each formula and its source):
     truth_ratio_prob_mean  open-unlearning prob_mean: mean p_c / (p_c + p_w)
     exact_memorization     share of answer tokens that are the teacher-forced argmax
     extraction_strength    1 - (shortest prefix share after which argmax reproduces the answer)
+    degenerate_rate        share of greedy answers that are empty, letterless, or one whitespace-token
+                           run / one character run covering more than half of the answer
+    rep_4                  mean repeated 4-gram rate of the greedy answers
+    distinct_1, distinct_2 mean distinct unigram / bigram share of the greedy answers
+    generated_ppl          mean perplexity of the greedy answers under the untouched backbone
+                           (--fluency-model; with --run the run's base model), prompt + answer scored,
+                           answer tokens averaged; generated_ppl_median their median
   membership inference, forget vs holdout rows (--holdout), AUC as open-unlearning:
     mia_loss_auc, mia_zlib_auc, mia_min_k_auc, mia_min_k_plus_plus_auc, mia_gradnorm_auc,
     mia_reference_auc (needs --reference-model)
@@ -176,6 +183,9 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--attacks", default="loss,zlib,min_k,min_k_plus_plus,gradnorm,reference",
                    help="comma list of membership attacks (reference runs only with --reference-model)")
     p.add_argument("--reference-model", default=None, help="reference model for the reference-based attack")
+    p.add_argument("--fluency-model", default=None,
+                   help="the untouched backbone that scores the greedy answers for generated_ppl (default: with --run "
+                        "the run's base model, else the evaluated model itself); 'none' skips generated_ppl")
     p.add_argument("--mia-k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++ (default 0.4)")
     p.add_argument("--gradnorm-p", type=float, default=2.0, help="p-norm of GradNorm (1, 2 or inf)")
     p.add_argument("--dtype", default="float32")
@@ -202,6 +212,7 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
             from alter_jax.io.hf import load_pretrained
 
             ref_fn = model_fns(load_pretrained(args.reference_model, dtype=args.dtype))[0]
+        ppl_fn, ppl_name = _fluency_model(args, logits_fn)
         max_new = None if args.generation_max_length else args.max_new_tokens
         res = evaluate_tofu(
             logits_fn, generate_fn, tok, args.out, forget_split=args.forget_split, source=args.data,
@@ -210,7 +221,7 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
             max_new_tokens=max_new, retain_logs=args.retain_logs, progress=not args.no_progress,
             system_prompt=args.system_prompt, paraphrased_questions=args.paraphrased_questions,
             holdout=args.holdout, attacks=attacks, gradnorm_fn=gradnorm_fn, reference_logits_fn=ref_fn,
-            mia_k=args.mia_k,
+            mia_k=args.mia_k, ppl_logits_fn=ppl_fn, ppl_reference=ppl_name,
         )
         metrics = res["metrics"]
         if args.json_out:
@@ -221,6 +232,31 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
         return 0
 
     return run
+
+
+def _fluency_model(args: argparse.Namespace, logits_fn):
+    """``(LogitsFn or None, name)`` of the model that scores generated answers (generated_ppl):
+    ``--fluency-model``, else the run's base model (``--run``: the untouched backbone), else the
+    evaluated model itself."""
+    from alter_jax.generate import model_fns
+
+    name = getattr(args, "fluency_model", None)
+    if name == "none":
+        return None, None
+    if name:
+        from alter_jax.io.hf import load_pretrained
+
+        return model_fns(load_pretrained(name, dtype=args.dtype))[0], name
+    if getattr(args, "run", None):
+        from pathlib import Path
+
+        from alter_jax import config as C
+        from alter_jax.train.loop import load_model_and_tokenizer
+
+        run = C.build(json.loads((Path(args.run) / "config.json").read_text())["config"])
+        base, _, folder = load_model_and_tokenizer(run.model, progress=False)
+        return model_fns(base)[0], f"{folder} (the run's base model)"
+    return logits_fn, f"{args.model} (the evaluated model itself; pass --fluency-model for the backbone)"
 
 
 def _load_model_tofu(args: argparse.Namespace):

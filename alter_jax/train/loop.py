@@ -175,22 +175,32 @@ def answer_probability(logits_fn, arrays, batch_size: int = 8, length_bucket: in
     return np.concatenate(out)
 
 
+NUM_EXAMPLES = 3  # greedy answers kept per side in report.json (question, answer, generated)
+
+
 def quick_eval(logits_fn, generate_fn, tokenizer, rows, arrays, fmt: str, ev: C.EvalConfig,
-               length_bucket: int = 32) -> dict[str, float]:
-    """Answer probability and ROUGE-L recall of greedy answers on a set of rows."""
-    from alter_jax.eval.tofu import generate_answers, rouge_recall
+               length_bucket: int = 32, ppl_logits_fn=None) -> dict[str, Any]:
+    """Answer probability and ROUGE-L recall of greedy answers on a set of rows, and their fluency
+    (``eval.tofu.generation_fluency``: ``degenerate_rate``, ``rep_4``, ``distinct_1/2`` and, with
+    ``ppl_logits_fn`` = the untouched backbone, ``generated_ppl``), with the first
+    :data:`NUM_EXAMPLES` answers as ``examples``."""
+    from alter_jax.eval.tofu import fluency_summary, generate_answers, generation_fluency, rouge_recall
 
     n = ev.num_questions or len(rows)
     rows, arrays = rows[:n], {k: v[:n] for k, v in arrays.items()}
     prob = answer_probability(logits_fn, arrays, ev.batch_size, length_bucket)
     if "question" not in rows[0]:  # text corpora: token probability only (MCQ / MUSE: bin/evaluate)
         return {"answer_prob": float(np.mean(prob)), "rouge_l_recall": float("nan"), "n": n, "example_answer": ""}
-    _, gens = generate_answers(generate_fn, tokenizer, [r["question"] for r in rows], fmt, batch_size=ev.batch_size,
-                               max_new_tokens=ev.max_new_tokens)
+    _, gens, p_ids, g_ids = generate_answers(generate_fn, tokenizer, [r["question"] for r in rows], fmt,
+                                             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                                             return_ids=True)
     rouge = rouge_recall(gens, [r["answer"] for r in rows])
     rouge = rouge[0] if isinstance(rouge, tuple) else rouge
+    flu = fluency_summary(generation_fluency(gens, p_ids, g_ids, ppl_logits_fn, tokenizer, ev.batch_size))
     return {"answer_prob": float(np.mean(prob)), "rouge_l_recall": float(np.mean(rouge)), "n": n,
-            "example_answer": gens[0] if gens else ""}
+            "example_answer": gens[0] if gens else "", **flu,
+            "examples": [{"question": r["question"], "answer": r["answer"], "generated": g}
+                         for r, g in zip(rows[:NUM_EXAMPLES], gens)]}
 
 
 def model_eval_fns(model, method: MethodSpec, entropy: C.EntropyConfig, threshold: float):
@@ -501,7 +511,7 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     eval_rows = {s: rows[s] for s in SIDES}
     lf, gf = model_eval_fns(model, get_method("ga"), run.entropy, threshold)  # plain backbone
     before = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
-                            run.model.length_bucket) for s in SIDES}
+                            run.model.length_bucket, ppl_logits_fn=lf) for s in SIDES}
     log(_table({"before": before}))
 
     # -- adapters
@@ -605,8 +615,13 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     model = _rebuild(graphdef, state.trainable, frozen_parts)
     result_dir = _export(model, method, run, out, tok, threshold, data_info)
     lf, gf = model_eval_fns(model, method, run.entropy, threshold)
+    ppl_fn = None
+    if run.data.kind == "qa":  # generated answers are scored by the untouched backbone (a fresh load)
+        from alter_jax.generate import model_fns
+
+        ppl_fn = model_fns(load_model_and_tokenizer(run.model, progress=False)[0])[0]
     after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
-                           run.model.length_bucket) for s in SIDES}
+                           run.model.length_bucket, ppl_logits_fn=ppl_fn) for s in SIDES}
     warnings = collapse_warnings(before, after, run, lrs)
     for w in warnings:
         log(f"warning: {w}")
@@ -693,10 +708,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _table(res: dict[str, dict[str, dict]]) -> str:
-    lines = [f"{'':8s} {'forget prob':>12s} {'forget ROUGE':>13s} {'retain prob':>12s} {'retain ROUGE':>13s}"]
+    def dg(side):
+        v = side.get("degenerate_rate")
+        return f"{v:9.3f}" if v is not None else f"{'-':>9s}"
+
+    lines = [f"{'':8s} {'forget prob':>12s} {'forget ROUGE':>13s} {'forget deg':>10s} {'retain prob':>12s} "
+             f"{'retain ROUGE':>13s} {'retain deg':>10s}"]
     for name, r in res.items():
         lines.append(f"{name:8s} {r['forget']['answer_prob']:12.4f} {r['forget']['rouge_l_recall']:13.4f} "
-                     f"{r['retain']['answer_prob']:12.4f} {r['retain']['rouge_l_recall']:13.4f}")
+                     f"{dg(r['forget'])} {r['retain']['answer_prob']:12.4f} {r['retain']['rouge_l_recall']:13.4f} "
+                     f"{dg(r['retain'])}")
     return "\n".join(lines)
 
 
