@@ -65,6 +65,12 @@ class LossConfig:
     # rmu_steering · u (u a fixed random unit vector); gamma weighs the retain term (RMU's alpha)
     rmu_layer: int = 7
     rmu_steering: float = 6.5
+    # IdkDPO (open-unlearning configs/trainer/DPO.yaml): β of -(2/β) log σ(β (ρ_idk − ρ_true))
+    dpo_beta: float = 0.1
+    # ALTER / AsymLoRA forget-expert target: "ihl" (the paper: inverse hinge on low-entropy forget tokens) or
+    # "idk" (beyond the paper: NLL of an "I don't know" answer from <data>/idontknow.jsonl on every answer
+    # token of the forget question, so that forgotten questions are answered with a refusal)
+    forget_target: str = "ihl"
     rmu_params: str = ""  # regex over parameter paths ('layers.5.mlp.down_proj.kernel'); "" = the
     # down_proj kernels of layers rmu_layer-2 .. rmu_layer, as in the WMDP reference code
 
@@ -145,6 +151,7 @@ CHOICES = {
     ("entropy", "inference_source"): ("base", "self"),
     ("loss", "struct_penalty"): ("drift", "grad", "none"),
     ("loss", "retain_loss"): ("", "nll", "kl"),
+    ("loss", "forget_target"): ("ihl", "idk"),
     ("data", "kind"): ("qa", "text"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("model", "attention_impl"): ("xla", "cudnn", "auto"),

@@ -37,7 +37,7 @@ from alter_jax.data.batching import (batch_indices, bucket_batch, bucket_width, 
                                      row_lengths)
 from alter_jax.entropy import fit_threshold
 from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
-from alter_jax.train.methods import MethodSpec, backbone_filter, get_method
+from alter_jax.train.methods import IDK_LOSSES, MethodSpec, backbone_filter, get_method, uses_idk
 from alter_jax.train.optim import group_learning_rates, make_optimizer
 from alter_jax.train.prepare import answer_token_values, backbone_statistics, encode, subdomain_experts
 from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model
@@ -201,6 +201,14 @@ def quick_eval(logits_fn, generate_fn, tokenizer, rows, arrays, fmt: str, ev: C.
             "example_answer": gens[0] if gens else "", **flu,
             "examples": [{"question": r["question"], "answer": r["answer"], "generated": g}
                          for r, g in zip(rows[:NUM_EXAMPLES], gens)]}
+
+
+def _idk_prob(logits_fn, arrays, run: C.RunConfig) -> float:
+    """Mean answer probability of the forget questions' "I don't know" answers (first
+    ``eval.num_questions`` rows, as :func:`quick_eval`)."""
+    n = run.eval.num_questions or len(arrays["idk"]["input_ids"])
+    sub = {k: v[:n] for k, v in arrays["idk"].items()}
+    return float(np.mean(answer_probability(logits_fn, sub, run.eval.batch_size, run.model.length_bucket)))
 
 
 def model_eval_fns(model, method: MethodSpec, entropy: C.EntropyConfig, threshold: float):
@@ -368,16 +376,22 @@ def config_diff(old: dict, new: dict, limit: int = 6) -> str:
     a, b = flat(old), flat(new)
     skip = {"train.checkpoint_every", "train.log_every"}
     keys = [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)
-            and not (k == "data.allow_truncation" and not a.get(k) and not b.get(k))]
+            and not any(k == f"{sec}.{key}" and a.get(k, dft) == dft and b.get(k, dft) == dft
+                        for (sec, key), dft in LATE_DEFAULTS.items())]
     fmt = lambda v: "unset" if v is None else repr(v)  # noqa: E731
     parts = [f"{k} ({fmt(a.get(k))} there, {fmt(b.get(k))} now)" for k in keys[:limit]]
     return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+# keys added after run folders existed: at their default they stay out of the hash (older folders still resume)
+LATE_DEFAULTS = {("data", "allow_truncation"): False, ("loss", "dpo_beta"): 0.1, ("loss", "forget_target"): "ihl"}
+
+
 def _config_hash(run: C.RunConfig) -> str:
     d = C.to_dict(run)
-    if not d["data"]["allow_truncation"]:  # added later: the default keeps older run folders' hash
-        del d["data"]["allow_truncation"]
+    for (section, key), default in LATE_DEFAULTS.items():
+        if d[section].get(key, default) == default:
+            d[section].pop(key, None)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "log_every")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -486,8 +500,19 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     else:
         arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
         truncated = check_truncation(run, rows, arrays, tok.eos_token_id, log)
+    idk_info = None
+    if uses_idk(method, run.loss):  # IdkNLL / IdkDPO / ALTER forget_target="idk": forget questions, refusal answers
+        from alter_jax.data.tofu import load_idk, pair_idk
+
+        if run.data.kind != "qa":
+            raise C.ConfigValueError(f"method {method.name} (loss.forget_target={run.loss.forget_target!r}) needs "
+                                     "question/answer rows; data.kind='text' has no questions to answer 'I don't know'")
+        source = resolve_data_source(run.data, out)
+        rows["idk"] = pair_idk(rows["forget"], load_idk(source), run.train.seed)
+        arrays["idk"] = encode(tok, rows["idk"], run.model.prompt_format, run.model.max_length)
+        idk_info = {"file": str(Path(source) / "idontknow.jsonl"), "answers": len({r["answer"] for r in rows["idk"]})}
     embeddings = {}
-    for s in SIDES:  # entropy behind every token, NPO's reference log-probability, answer embeddings
+    for s in arrays:  # entropy behind every token, NPO's / DPO's reference log-probability, answer embeddings
         stats = backbone_statistics(model, arrays[s], run.entropy.q, length_bucket=run.model.length_bucket)
         arrays[s]["entropy"], arrays[s]["ref_logp"], embeddings[s] = stats["entropy"], stats["ref_logp"], stats["embedding"]
     all_ent = np.concatenate([answer_token_values(arrays[s]) for s in SIDES])
@@ -502,9 +527,21 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
         experts, n_sub, sub_info = np.zeros(len(rows["forget"]), np.int32), 0, {"source": "none"}
     arrays["forget"]["expert"] = experts
     arrays["retain"]["expert"] = np.zeros(len(rows["retain"]), np.int32)
+    if "idk" in arrays:
+        arrays["idk"]["expert"] = experts  # the same questions: the same sub-domain
     data_info = {"forget": len(rows["forget"]), "retain": len(rows["retain"]), "threshold": float(threshold),
                  "high_entropy_fraction": float(np.mean(all_ent > threshold)), "subdomains": sub_info,
                  "num_forget_experts": n_sub, "truncated_rows": truncated}
+    if idk_info is not None:
+        data_info["idk"] = idk_info
+    # training sides: ALTER with forget_target="idk" trains its forget experts on the idk rows (in place of the
+    # true answers); IdkNLL / IdkDPO get them as a third, row-aligned side
+    train_forget = arrays["idk"] if method.asymmetric and "idk" in arrays else arrays["forget"]
+    aligned = {"idk": arrays["idk"]} if method.forget_loss in IDK_LOSSES else None
+
+    def train_batches(epoch: int):
+        return forget_retain_batches(train_forget, arrays["retain"], run.train.batch_size, seed=run.train.seed,
+                                     epoch=epoch, aligned=aligned)
     write_json_atomic(out / "data_info.json", data_info)
 
     # -- before
@@ -512,6 +549,8 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     lf, gf = model_eval_fns(model, get_method("ga"), run.entropy, threshold)  # plain backbone
     before = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
                             run.model.length_bucket, ppl_logits_fn=lf) for s in SIDES}
+    if "idk" in arrays:  # how likely the "I don't know" answers are (what IdkNLL / IdkDPO / ALTER-idk raise)
+        before["forget"]["idk_prob"] = _idk_prob(lf, arrays, run)
     log(_table({"before": before}))
 
     # -- adapters
@@ -568,7 +607,7 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
 
     initialize_distributed()
     mesh = make_mesh(run.mesh)
-    example = next(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed))
+    example = next(train_batches(0))
     example = _device_batch(bucket_batch(fill_batch(example, run.train.batch_size), run.model.length_bucket))
     step_fn, state, frozen, _ = shard_train_step(_settings(method, run, threshold), tx, state, frozen, example, mesh)
     batch_sh = batch_shardings(example, mesh)
@@ -578,8 +617,7 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     for epoch in range(position["epoch"], run.train.epochs):
         if done:
             break
-        batches = forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed,
-                                        epoch=epoch)
+        batches = train_batches(epoch)
         for b_idx, batch in enumerate(batches):
             if epoch == position["epoch"] and b_idx < position["batch"]:
                 continue
@@ -622,6 +660,8 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
         ppl_fn = model_fns(load_model_and_tokenizer(run.model, progress=False)[0])[0]
     after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
                            run.model.length_bucket, ppl_logits_fn=ppl_fn) for s in SIDES}
+    if "idk" in arrays:
+        after["forget"]["idk_prob"] = _idk_prob(lf, arrays, run)
     warnings = collapse_warnings(before, after, run, lrs)
     for w in warnings:
         log(f"warning: {w}")

@@ -259,11 +259,15 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
     """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router).
 
     ``stats``: the per-token statistics at the scored positions (:func:`token_statistics`);
-    ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8), ``L_retain`` = mean NLL (or KL) over retain
-    answer tokens."""
+    ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8), or with ``loss.forget_target = "idk"`` the
+    mean NLL over every answer token of the forget rows, whose answers are then "I don't know"
+    answers (the loop swaps them in); ``L_retain`` = mean NLL (or KL) over retain answer tokens."""
     lc = settings.loss
     f = ts.is_forget.astype(jnp.float32)[:, None]
-    forget = L.masked_mean(stats["ihl"], ts.low * f)
+    if lc.forget_target == "idk":  # beyond the paper: the forget rows carry an "I don't know" answer, learnt
+        forget = L.nll_from_log_likelihood(stats["logp"], ts.answer * f)  # by the forget expert on every token
+    else:
+        forget = L.masked_mean(stats["ihl"], ts.low * f)
     retain_kind = lc.retain_loss or settings.method.retain_loss
     if retain_kind == "kl":
         retain = L.masked_mean(stats["kl"], ts.answer * (1 - f))
@@ -418,6 +422,51 @@ def generic_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings
     return total, {"loss": total, "forget": forget, "retain": retain}
 
 
+def idk_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    """IdkNLL / IdkDPO (full-parameter or LoRA, E = 1). ``batch["idk"]``: the forget questions with an
+    "I don't know" answer, row-aligned with ``batch["forget"]`` (same questions, true answers).
+
+    * IdkNLL: ``β·NLL(idk answers) + γ·L_retain``; the true forget answers are not used (not run).
+    * IdkDPO: ``β·DPO(y_w = idk, y_l = true answer) + γ·L_retain``
+      (:func:`alter_jax.losses.dpo_loss_from_log_likelihood`, β_DPO = ``loss.dpo_beta``); the
+      reference log-probabilities of both answers come from the pre-pass (``ref_logp``: the frozen
+      backbone, which is the model before unlearning).
+
+    ``L_retain`` = NLL (or KL with ``loss.retain_loss="kl"``) over retain answer tokens. One
+    forward over the concatenated rows ``[forget (DPO only); retain; idk]``."""
+    spec, lc = settings.method, settings.loss
+    dpo = spec.forget_loss == "idk_dpo"
+    sides = ("forget", "retain", "idk") if dpo else ("retain", "idk")
+    n = {s: batch[s]["input_ids"].shape[0] for s in sides}
+    cat = lambda key: jnp.concatenate([batch[s][key] for s in sides], axis=0)  # noqa: E731
+    ids, mask, labels = cat("input_ids"), cat("attention_mask"), cat("labels")
+    if "score_pos" in batch["idk"]:
+        pos = cat("score_pos")
+    else:
+        pos = jnp.broadcast_to(jnp.arange(ids.shape[1] - 1, dtype=jnp.int32), (ids.shape[0], ids.shape[1] - 1))
+    ts = token_sets(labels, None, 0, settings, mask, pos)
+    start, rows = 0, {}
+    for s in sides:
+        rows[s] = jnp.zeros((ids.shape[0],), jnp.float32).at[start:start + n[s]].set(1.0)[:, None]
+        start += n[s]
+    retain_kind = lc.retain_loss or spec.retain_loss
+    ref = reference_head(frozen, trainable, ids, mask, ts.pos) if retain_kind == "kl" else None
+    scoring = Scoring(("logp",) + (("kl",) if retain_kind == "kl" else ()), chunk=settings.head_chunk)
+    stats, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, ts=ts, scoring=scoring, ref=ref)
+    lp = stats["logp"]
+    if dpo:
+        b_f, b_i = slice(0, n["forget"]), slice(n["forget"] + n["retain"], None)
+        m = ts.answer
+        forget = L.dpo_loss_from_log_likelihood(lp[b_i], m[b_i], batch["idk"]["ref_logp"],
+                                                lp[b_f], m[b_f], batch["forget"]["ref_logp"], beta=lc.dpo_beta)
+    else:
+        forget = L.nll_from_log_likelihood(lp, ts.answer * rows["idk"])
+    mr = ts.answer * rows["retain"]
+    retain = L.masked_mean(stats["kl"], mr) if retain_kind == "kl" else L.nll_from_log_likelihood(lp, mr)
+    total = lc.beta * forget + lc.gamma * retain
+    return total, {"loss": total, "forget": forget, "retain": retain}
+
+
 def rmu_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
     """RMU (Li et al. 2024, Eq. 1-2): ``β·MSE(h_ℓ(forget), c·u) + γ·MSE(h_ℓ(retain), h_ℓ^frozen(retain))``.
 
@@ -466,7 +515,8 @@ def loss_and_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettin
         return loss, metrics, grads
     if settings.method.asymmetric:
         return alter_grads(trainable, frozen, batch, settings)
-    fn = rmu_loss if settings.method.forget_loss == "rmu" else generic_loss
+    fl = settings.method.forget_loss
+    fn = rmu_loss if fl == "rmu" else idk_loss if fl in ("idk_nll", "idk_dpo") else generic_loss
     (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(trainable, frozen, batch, settings)
     return loss, metrics, grads
 
