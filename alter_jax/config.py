@@ -71,6 +71,10 @@ class LossConfig:
     # "idk" (beyond the paper: NLL of an "I don't know" answer from <data>/idontknow.jsonl on every answer
     # token of the forget question, so that forgotten questions are answered with a refusal)
     forget_target: str = "ihl"
+    # beyond the paper (issue 19): weight of an NLL term on the HIGH-entropy answer tokens of forget rows,
+    # owned by the forget experts (a B-term; the spec gives them only IHL on low-entropy tokens, so at
+    # high-entropy positions the forget expert is untrained). 0 = the spec
+    forget_high_nll: float = 0.0
     rmu_params: str = ""  # regex over parameter paths ('layers.5.mlp.down_proj.kernel'); "" = the
     # down_proj kernels of layers rmu_layer-2 .. rmu_layer, as in the WMDP reference code
 

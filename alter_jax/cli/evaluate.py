@@ -3,6 +3,7 @@
     bin/evaluate tofu-aggregate --logs DIR [--retain-logs DIR] [--json]
     bin/evaluate tofu --model PATH --out DIR [--data SRC] [--forget-split forget10] [--json OUT] ...
     bin/evaluate relearn --run RUN [--steps 0,1,2,4,8,16] [--mode auto|adapter|full|lora] ...
+    bin/evaluate routing --run RUN [--num-questions N] [--no-grid]   (ALTER: routing of generated tokens)
 
 Subcommands live in a registry so other modules can add theirs (``mcq``, ``muse``, ...):
 
@@ -393,6 +394,26 @@ def _relearn_args(p: argparse.ArgumentParser) -> Runner:
                             num_eval=args.num_eval, max_new_tokens=args.max_new_tokens, reference=not args.no_reference)
         res = relearn(args.run, cfg, out=args.out, progress=not args.no_progress)
         print("wrote " + ", ".join(res["files"]))
+        return 0
+
+    return run
+
+
+@subcommand("routing", help="ALTER diagnostic: where generated tokens route (expert, entropy, high/low), what each "
+            "expert predicts there, and inference settings (retain_bias, top_k, tau_high, entropy source) scored")
+def _routing_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--run", required=True, help="a finished ALTER / AsymLoRA bin/unlearn output folder")
+    p.add_argument("--num-questions", type=int, default=0, help="forget and retain questions each (0: the run's eval)")
+    p.add_argument("--no-grid", action="store_true", help="only the trace, no settings grid")
+    p.add_argument("--out", default=None, help="folder for routing.json (default: the run folder)")
+
+    def run(args: argparse.Namespace) -> int:
+        from alter_jax.eval.routing import DEFAULT_GRID, run_routing_diagnostic
+
+        _check_run_folder(args)
+        run_routing_diagnostic(args.run, num_questions=args.num_questions, grid=() if args.no_grid else DEFAULT_GRID,
+                               out=args.out, log=lambda m: print(m, file=sys.stderr))
+        print(f"wrote {args.out or args.run}/routing.json")
         return 0
 
     return run

@@ -259,7 +259,8 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
     """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router).
 
     ``stats``: the per-token statistics at the scored positions (:func:`token_statistics`);
-    ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8), or with ``loss.forget_target = "idk"`` the
+    ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8) [+ ``loss.forget_high_nll`` · mean NLL over
+    ``high ∩ forget`` when that weight is > 0, beyond the spec], or with ``loss.forget_target = "idk"`` the
     mean NLL over every answer token of the forget rows, whose answers are then "I don't know"
     answers (the loop swaps them in); ``L_retain`` = mean NLL (or KL) over retain answer tokens."""
     lc = settings.loss
@@ -268,6 +269,9 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
         forget = L.nll_from_log_likelihood(stats["logp"], ts.answer * f)  # by the forget expert on every token
     else:
         forget = L.masked_mean(stats["ihl"], ts.low * f)
+    extra = {}
+    if lc.forget_high_nll > 0:  # beyond the spec: keep the structure words on the forget expert's high tokens
+        extra["forget_high_nll"] = L.nll_from_log_likelihood(stats["logp"], ts.high * f)
     retain_kind = lc.retain_loss or settings.method.retain_loss
     if retain_kind == "kl":
         retain = L.masked_mean(stats["kl"], ts.answer * (1 - f))
@@ -278,8 +282,10 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
         # every real token is routed at inference, prompt included: train the router on all of them
         tgt = jnp.broadcast_to(expert[:, None], ts.real.shape)
         route = sum(L.router_cross_entropy(r, tgt, ts.real) for r in router_logits) / len(router_logits)
-    total = lc.beta * forget + lc.gamma * retain + lc.mu_route * route
-    return total, {"forget_ihl": forget, "retain": retain, "route": route}
+    forget_all = forget + lc.forget_high_nll * extra["forget_high_nll"] if extra else forget
+    total = lc.beta * forget_all + lc.gamma * retain + lc.mu_route * route
+    name = "forget_idk_nll" if lc.forget_target == "idk" else "forget_ihl"
+    return total, {name: forget, "retain": retain, "route": route, **extra}
 
 
 def alter_a_terms(stats, ts: TokenSets, settings: StepSettings):
@@ -373,7 +379,8 @@ def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepS
     _, ma = alter_a_terms(stats_a, ts, settings)
     lc = settings.loss
     parts = {
-        "forget": lc.beta * mb["forget_ihl"],
+        "forget": lc.beta * (mb["forget_idk_nll" if lc.forget_target == "idk" else "forget_ihl"]
+                             + lc.forget_high_nll * mb.get("forget_high_nll", 0.0)),
         "retain": lc.gamma * mb["retain"],
         "route": lc.mu_route * mb["route"],
         "a": ma["nll_high"] + lc.lambda_struct * ma["struct"],

@@ -142,11 +142,13 @@ def test_idk_dpo_scored_buckets_equal_full_rows():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
+@pytest.mark.parametrize("loss_kw", [{"forget_target": "idk"}, {"forget_high_nll": 1.0}])
 @pytest.mark.parametrize("term", list(OWNER))
-def test_alter_idk_target_keeps_isolation(batch, term):
-    """ALTER with forget_target="idk": the forget term (NLL of the idk answer on forget rows) reaches only
-    the forget experts, every other term only its own group (bitwise zero elsewhere)."""
-    _, trainable, frozen, settings = _setup("alter", forget_target="idk")
+def test_alter_switches_keep_isolation(batch, term, loss_kw):
+    """ALTER with forget_target="idk" (NLL of the idk answer on forget rows) or forget_high_nll > 0 (NLL on
+    high-entropy forget tokens): the forget term reaches only the forget experts, every other term only its
+    own group (bitwise zero elsewhere)."""
+    _, trainable, frozen, settings = _setup("alter", **loss_kw)
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
     grads = jax.grad(alter_isolated_loss)(trainable, frozen, batch, settings, terms=(term,))
     for group, g in grads.items():
@@ -161,8 +163,8 @@ def test_alter_idk_forget_term_is_nll_on_every_forget_answer_token(batch):
     _, m_idk, _ = loss_and_grads(trainable, frozen, jax.tree_util.tree_map(jnp.asarray, batch), settings)
     _, m_ihl, _ = loss_and_grads(trainable, frozen, jax.tree_util.tree_map(jnp.asarray, batch),
                                  dataclasses.replace(settings, loss=LossConfig()))
-    assert float(m_idk["forget_ihl"]) != float(m_ihl["forget_ihl"])
-    assert float(m_idk["forget_ihl"]) > 0 and float(m_idk["retain"]) == pytest.approx(float(m_ihl["retain"]))
+    assert "forget_ihl" not in m_idk and float(m_idk["forget_idk_nll"]) != float(m_ihl["forget_ihl"])
+    assert float(m_idk["forget_idk_nll"]) > 0 and float(m_idk["retain"]) == pytest.approx(float(m_ihl["retain"]))
 
 
 def test_uses_idk_and_aligned_batches():
@@ -191,3 +193,13 @@ def test_demo_size_run_finishes(tmp_path, method, loss):
         assert 0.0 < rep[side]["forget"]["idk_prob"] < 1.0
         assert 0.0 <= rep[side]["forget"]["degenerate_rate"] <= 1.0
     assert rep["after"]["forget"]["idk_prob"] > rep["before"]["forget"]["idk_prob"]  # it moves towards "I don't know"
+
+
+def test_forget_high_nll_adds_the_high_entropy_nll(batch):
+    _, trainable, frozen, settings = _setup("alter")
+    jb = jax.tree_util.tree_map(jnp.asarray, batch)
+    l0, m0, _ = loss_and_grads(trainable, frozen, jb, settings)
+    l1, m1, _ = loss_and_grads(trainable, frozen, jb, dataclasses.replace(settings, loss=LossConfig(forget_high_nll=0.5)))
+    assert "forget_high_nll" not in m0 and float(m1["forget_high_nll"]) > 0
+    assert float(m1["forget_ihl"]) == pytest.approx(float(m0["forget_ihl"]))
+    assert float(l1) == pytest.approx(float(l0) + 0.5 * float(m1["forget_high_nll"]), rel=1e-5)
