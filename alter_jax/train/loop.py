@@ -385,7 +385,7 @@ def config_diff(old: dict, new: dict, limit: int = 6) -> str:
 
 # keys added after run folders existed: at their default they stay out of the hash (older folders still resume)
 LATE_DEFAULTS = {("data", "allow_truncation"): False, ("loss", "dpo_beta"): 0.1, ("loss", "forget_target"): "ihl",
-                 ("loss", "forget_high_nll"): 0.0}
+                 ("loss", "forget_high_nll"): 0.0, ("loss", "ihl_margin"): 1.0}
 
 
 def _config_hash(run: C.RunConfig) -> str:

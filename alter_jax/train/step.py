@@ -260,7 +260,8 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
 
     ``stats``: the per-token statistics at the scored positions (:func:`token_statistics`);
     ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8) [+ ``loss.forget_high_nll`` · mean NLL over
-    ``high ∩ forget`` when that weight is > 0, beyond the spec], or with ``loss.forget_target = "idk"`` the
+    ``high ∩ forget`` when that weight is > 0; with ``loss.ihl_margin = m < 1`` the hinge
+    ``max(0, IHL_t − 1 + m)``: both beyond the spec], or with ``loss.forget_target = "idk"`` the
     mean NLL over every answer token of the forget rows, whose answers are then "I don't know"
     answers (the loop swaps them in); ``L_retain`` = mean NLL (or KL) over retain answer tokens."""
     lc = settings.loss
@@ -268,7 +269,10 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
     if lc.forget_target == "idk":  # beyond the paper: the forget rows carry an "I don't know" answer, learnt
         forget = L.nll_from_log_likelihood(stats["logp"], ts.answer * f)  # by the forget expert on every token
     else:
-        forget = L.masked_mean(stats["ihl"], ts.low * f)
+        ihl = stats["ihl"]
+        if lc.ihl_margin < 1.0:  # beyond the spec: hinge with margin m (IHL_t − 1 + m, floored at 0)
+            ihl = jnp.maximum(ihl - (1.0 - lc.ihl_margin), 0.0)
+        forget = L.masked_mean(ihl, ts.low * f)
     extra = {}
     if lc.forget_high_nll > 0:  # beyond the spec: keep the structure words on the forget expert's high tokens
         extra["forget_high_nll"] = L.nll_from_log_likelihood(stats["logp"], ts.high * f)

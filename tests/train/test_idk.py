@@ -203,3 +203,18 @@ def test_forget_high_nll_adds_the_high_entropy_nll(batch):
     assert "forget_high_nll" not in m0 and float(m1["forget_high_nll"]) > 0
     assert float(m1["forget_ihl"]) == pytest.approx(float(m0["forget_ihl"]))
     assert float(l1) == pytest.approx(float(l0) + 0.5 * float(m1["forget_high_nll"]), rel=1e-5)
+
+
+def test_ihl_margin_is_a_floored_shift_of_ihl(batch):
+    _, trainable, frozen, settings = _setup("alter")
+    jb = jax.tree_util.tree_map(jnp.asarray, batch)
+    _, m1, _ = loss_and_grads(trainable, frozen, jb, settings)
+    _, m_half, _ = loss_and_grads(trainable, frozen, jb, dataclasses.replace(settings, loss=LossConfig(ihl_margin=0.5)))
+    # with a near-uniform random model p_t ≈ max p_v, so IHL_t ≈ 1 and the hinge with m = 0.5 ≈ IHL_t − 0.5
+    assert float(m_half["forget_ihl"]) == pytest.approx(float(m1["forget_ihl"]) - 0.5, abs=1e-4)
+    from alter_jax import config as C
+
+    with pytest.raises(C.ConfigValueError, match="ihl_margin"):
+        C.build({"loss": {"ihl_margin": 1.5}})
+    with pytest.raises(C.ConfigValueError, match="ihl_margin"):
+        C.build({"loss": {"ihl_margin": 0.0}})
