@@ -405,14 +405,22 @@ def _routing_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--run", required=True, help="a finished ALTER / AsymLoRA bin/unlearn output folder")
     p.add_argument("--num-questions", type=int, default=0, help="forget and retain questions each (0: the run's eval)")
     p.add_argument("--no-grid", action="store_true", help="only the trace, no settings grid")
+    p.add_argument("--settings", default=None,
+                   help="the grid instead of the default one: settings separated by ';', changes joined by '+', e.g. "
+                        "'retain_bias=0;retain_bias=3;top_k=1+tau_high=2;generation_source=base'")
+    p.add_argument("--trace-sources", default="self,base", help="entropy sources traced (self, base or both)")
     p.add_argument("--out", default=None, help="folder for routing.json (default: the run folder)")
 
     def run(args: argparse.Namespace) -> int:
-        from alter_jax.eval.routing import DEFAULT_GRID, run_routing_diagnostic
+        from alter_jax.eval.routing import DEFAULT_GRID, parse_settings, run_routing_diagnostic
 
         _check_run_folder(args)
-        run_routing_diagnostic(args.run, num_questions=args.num_questions, grid=() if args.no_grid else DEFAULT_GRID,
-                               out=args.out, log=lambda m: print(m, file=sys.stderr))
+        grid = () if args.no_grid else (parse_settings(args.settings) if args.settings else DEFAULT_GRID)
+        sources = tuple(s.strip() for s in args.trace_sources.split(",") if s.strip())
+        if not set(sources) <= {"self", "base"}:
+            raise ValueError(f"--trace-sources {args.trace_sources!r}: choose from self, base")
+        run_routing_diagnostic(args.run, num_questions=args.num_questions, grid=grid, out=args.out,
+                               log=lambda m: print(m, file=sys.stderr), sources=sources)
         print(f"wrote {args.out or args.run}/routing.json")
         return 0
 

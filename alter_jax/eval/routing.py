@@ -207,6 +207,26 @@ DEFAULT_GRID = (
 )
 
 
+def parse_settings(text: str) -> tuple[tuple[str, dict], ...]:
+    """``"retain_bias=0;top_k=1+tau_high=2;generation_source=base"`` -> a grid: settings separated by
+    ``;``, changes within one by ``+``; "as trained" always comes first."""
+    grid = [("as trained", {})]
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        changes = {}
+        for kv in part.split("+"):
+            k, sep, v = kv.partition("=")
+            if not sep:
+                raise ValueError(f"--settings {part!r}: expected key=value (e.g. retain_bias=0, top_k=1, tau_high=2, "
+                                 "generation_source=base)")
+            k = k.strip()
+            if k not in ("retain_bias", "top_k", "tau_high", "tau_low", "generation_source"):
+                raise ValueError(f"--settings: unknown key {k!r}; choose retain_bias, top_k, tau_high, tau_low or "
+                                 "generation_source")
+            changes[k] = v.strip() if k == "generation_source" else (int(v) if k == "top_k" else float(v))
+        grid.append((part, changes))
+    return tuple(grid)
+
+
 def evaluate_setting(model, tok, gate: GateConfig, rows: dict, arrays: dict, fmt: str, ev, length_bucket: int,
                      ppl_fn, changes: dict) -> dict[str, Any]:
     """``bin/unlearn``-style forget / retain figures of the gated model under ``changes``."""
@@ -226,7 +246,7 @@ def evaluate_setting(model, tok, gate: GateConfig, rows: dict, arrays: dict, fmt
 
 
 def run_routing_diagnostic(run_dir: str | Path, *, num_questions: int = 0, grid=DEFAULT_GRID,
-                           out: str | Path | None = None, log=print) -> dict[str, Any]:
+                           out: str | Path | None = None, log=print, sources=("self", "base")) -> dict[str, Any]:
     """The trace (both entropy sources) and the settings grid of a finished ALTER / AsymLoRA run;
     writes ``<out or run>/routing.json`` and returns it."""
     from alter_jax import config as C
@@ -262,7 +282,7 @@ def run_routing_diagnostic(run_dir: str | Path, *, num_questions: int = 0, grid=
                               "examples": {}}
     from alter_jax.gated import gated_model_fns
 
-    for source in ("self", "base"):
+    for source in sources:
         if source == "self":
             gf = gated_model_fns(model, gate)[1]
         else:

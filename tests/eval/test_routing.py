@@ -82,3 +82,16 @@ def test_capture_sees_one_weight_tensor_per_adapted_layer():
         model(jnp.asarray(ids), jnp.asarray(mask), adapter_ctx=GatedRouting(s, s > 1.0))
     assert len(records) == 2 * 7 and records[0].shape == (2, 8, 3)
     np.testing.assert_allclose(records[0].sum(-1), 1.0, atol=1e-6)
+
+
+def test_parse_settings():
+    from alter_jax.eval.routing import parse_settings
+
+    grid = parse_settings("retain_bias=0; top_k=1+tau_high=2 ;generation_source=base")
+    assert grid == (("as trained", {}), ("retain_bias=0", {"retain_bias": 0.0}),
+                    ("top_k=1+tau_high=2", {"top_k": 1, "tau_high": 2.0}),
+                    ("generation_source=base", {"generation_source": "base"}))
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_settings("rank=3")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_settings("retain_bias")
