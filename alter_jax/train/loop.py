@@ -248,7 +248,8 @@ def plan(run: C.RunConfig, device_bytes: int | None = None) -> dict[str, Any]:
            "trainable": {g: count_params(s) for g, s in trainable.items()}}
     from alter_jax.plan import plan_memory
 
-    mem = plan_memory(mcfg, acfg, method, run.train.batch_size * 2, run.model.max_length, run.mesh,
+    sides = 3 if method.forget_loss == "idk_dpo" else 2  # IdkDPO's forward holds forget, retain and idk rows
+    mem = plan_memory(mcfg, acfg, method, run.train.batch_size * sides, run.model.max_length, run.mesh,
                       device_bytes=device_bytes, remat=run.model.remat, head_chunk=run.model.head_chunk,
                       scan_layers=run.model.scan_layers)
     out["memory"] = mem.to_dict()
