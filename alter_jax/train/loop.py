@@ -656,10 +656,15 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     result_dir = _export(model, method, run, out, tok, threshold, data_info)
     lf, gf = model_eval_fns(model, method, run.entropy, threshold)
     ppl_fn = None
-    if run.data.kind == "qa":  # generated answers are scored by the untouched backbone (a fresh load)
+    if run.data.kind == "qa":  # generated answers are scored by the untouched backbone
         from alter_jax.generate import model_fns
 
-        ppl_fn = model_fns(load_model_and_tokenizer(run.model, progress=False)[0])[0]
+        if method.adapter:  # the frozen backbone itself, adapters detached (no second copy of the weights)
+            from alter_jax.gated import _backbone
+
+            ppl_fn = model_fns(_backbone(*nnx.split(model)))[0]
+        else:  # full-parameter methods changed the weights: the model before unlearning, loaded again
+            ppl_fn = model_fns(load_model_and_tokenizer(run.model, progress=False)[0])[0]
     after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
                            run.model.length_bucket, ppl_logits_fn=ppl_fn) for s in SIDES}
     if "idk" in arrays:
