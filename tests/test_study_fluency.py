@@ -36,3 +36,17 @@ def test_folder_fluency_and_examples(tmp_path):
     assert [e[1] for e in f["examples"]["forget"]] == gens[:3]
     md = "\n".join(examples_markdown({"alter": {"method": "alter", "forget_quality": 0.1, "mu_vs_full": 0.9, **f}}))
     assert "**alter** (`alter`)" in md and "| forget | ... | gt0 |" in md and "| forget | (empty) | gt2 |" in md
+
+
+def test_copy_idk_answers(tmp_path):
+    from alter_jax.study.fluency import copy_idk_answers
+
+    src, dst = tmp_path / "tofu", tmp_path / "data"
+    src.mkdir()
+    assert not copy_idk_answers(src, dst)  # no subset folder yet: nothing written
+    dst.mkdir()
+    assert not copy_idk_answers(src, dst)  # the source has no file
+    (src / "idontknow.jsonl").write_text("I don't know.\nNo idea.\n")
+    assert copy_idk_answers(src, dst) and (dst / "idontknow.jsonl").read_text() == "I don't know.\nNo idea.\n"
+    (src / "idontknow.jsonl").write_text("changed\n")
+    assert copy_idk_answers(src, dst) and (dst / "idontknow.jsonl").read_text().startswith("I don't")  # kept

@@ -18,6 +18,16 @@ NUM_EXAMPLES = 3
 SPLIT_FILES = {"forget": "eval_log_forget.json", "retain": "eval_log.json"}
 
 
+def copy_idk_answers(tofu_dir: str | Path, data_dir: str | Path) -> bool:
+    """Copy ``idontknow.jsonl`` from the TOFU folder into a study's data subset (what IdkNLL, IdkDPO and
+    ALTER with ``loss.forget_target="idk"`` read), if the source has it and the subset does not;
+    idempotent, so study folders built before it get the file too. Returns whether the subset has it."""
+    src, dst = Path(tofu_dir) / "idontknow.jsonl", Path(data_dir) / "idontknow.jsonl"
+    if not dst.is_file() and src.is_file() and Path(data_dir).is_dir():
+        dst.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    return dst.is_file()
+
+
 def log_fluency(log: Mapping[str, Any]) -> dict[str, float | None]:
     """Split-level fluency of one legacy log (``eval.tofu.fluency_summary``; all None when the
     log predates the fluency keys)."""

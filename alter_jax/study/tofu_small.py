@@ -642,6 +642,9 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-small", log: Call
         log("data: writing the TOFU subset")
         build_data(cfg, data_dir)
         ran.append("data")
+    from alter_jax.study.fluency import copy_idk_answers
+
+    copy_idk_answers(cfg.tofu_dir, data_dir)  # IdkNLL / IdkDPO read it from the subset
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         log("tokenizer: training")

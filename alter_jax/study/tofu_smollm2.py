@@ -466,6 +466,9 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-smollm2", log: Ca
     if not (data_dir / "counts.json").is_file():
         counts = build_data(cfg, data_dir)
         _write_json(data_dir / "counts.json", counts)
+    from alter_jax.study.fluency import copy_idk_answers
+
+    copy_idk_answers(cfg.tofu_dir, data_dir)  # IdkNLL / IdkDPO (--methods) read it from the subset
     log(f"data {_read_json(data_dir / 'counts.json')}")
     report = lambda: write_report(cfg, work, command)  # noqa: E731
 
