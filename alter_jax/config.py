@@ -306,6 +306,10 @@ def check_ranges(run: RunConfig) -> None:
                 f"config.entropy.value = θ = {e.value:g} is unreachable with config.entropy.q = {e.q:g}: Tsallis entropy "
                 f"satisfies S_q < 1/(q-1) = {1.0 / (e.q - 1.0):g}, so no token would be high-entropy. Lower q below "
                 f"{1.0 + 1.0 / e.value:.3g} if θ > 0, lower θ, or use config.entropy.threshold=quantile (value 0.3).")
+    if not m.asymmetric and (run.loss.forget_target != "ihl" or run.loss.forget_high_nll or run.loss.ihl_margin != 1.0):
+        raise ConfigValueError(f"config.loss.forget_target / forget_high_nll / ihl_margin shape ALTER's forget experts; "
+                               f"method {m.name!r} has none. Use them with alter / asymlora, or the idk_nll / idk_dpo "
+                               "methods for 'I don't know' answers.")
     if run.loss.ihl_margin > 1.0:
         raise ConfigValueError(f"config.loss.ihl_margin = {run.loss.ihl_margin!r}; the IHL hinge margin lies in (0, 1] "
                                "(1 = the paper's IHL, 1 + p_t − max p_v, which is never below 0).")

@@ -218,3 +218,14 @@ def test_ihl_margin_is_a_floored_shift_of_ihl(batch):
         C.build({"loss": {"ihl_margin": 1.5}})
     with pytest.raises(C.ConfigValueError, match="ihl_margin"):
         C.build({"loss": {"ihl_margin": 0.0}})
+
+
+def test_forget_expert_switches_are_refused_for_other_methods():
+    from alter_jax import config as C
+
+    for loss in ({"forget_target": "idk"}, {"forget_high_nll": 0.5}, {"ihl_margin": 0.5}):
+        with pytest.raises(C.ConfigValueError, match="forget experts"):
+            C.build({"train": {"method": "npo"}, "loss": loss})
+        C.build({"train": {"method": "alter"}, "loss": loss})  # fine for ALTER
+    with pytest.raises(C.ConfigValueError, match="forget_target"):
+        C.build({"loss": {"forget_target": "refuse"}})
