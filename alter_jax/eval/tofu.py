@@ -925,6 +925,11 @@ def tofu_eval_from_logs(logs: Mapping[str, Mapping], mia: Mapping[str, Mapping] 
                 out[key if prefix == "forget" else f"{prefix}_{key}"] = {
                     "agg_value": mean_defined(list(vals.values())),
                     "value_by_index": {k: {"score": v} for k, v in vals.items()}}
+        if "degenerate" in log:  # ours (issue 19): per-row fluency of the greedy answers, agg = degenerate rate
+            keys = [k for k in (*FLUENCY_KEYS, "generated_ppl") if k in log]
+            out[f"{prefix}_fluency"] = {
+                "agg_value": fluency_summary({"degenerate": log["degenerate"]})["degenerate_rate"],
+                "value_by_index": {i: {k: log[k].get(i) for k in keys} for i in sorted(log["degenerate"], key=int)}}
     for attack, e in (mia or {}).items():
         if "auc" not in e:
             continue
@@ -981,6 +986,11 @@ def logs_from_tofu_eval(data: Mapping[str, Any], where: str = OU_EVAL_FILE) -> d
             e = vbi(key if prefix == "forget" else f"{prefix}_{key}")
             if e is not None:
                 log[key] = {k: v["score"] for k, v in e.items()}
+        flu = vbi(f"{prefix}_fluency")
+        if flu:
+            for key in (*FLUENCY_KEYS, "generated_ppl"):
+                if all(key in v for v in flu.values()):
+                    log[key] = {k: v[key] for k, v in flu.items()}
         if log:
             out[task + ".json"] = log
     return out

@@ -193,3 +193,22 @@ def test_tofu_split_fluency_on_a_tiny_model():
     assert m["degenerate_rate"] == pytest.approx(2 / 3)
     assert m["rep_4"] == pytest.approx(np.mean([repetition_rate(g, 4) for g in gens]))
     assert m["generated_ppl"] == pytest.approx(np.mean([log["generated_ppl"][str(k)] for k in range(3)]))
+
+
+def test_fluency_round_trips_through_tofu_eval_json():
+    from alter_jax.eval.tofu import logs_from_tofu_eval, split_metrics, tofu_eval_from_logs
+
+    def keyed(v):
+        return {str(i): x for i, x in enumerate(v)}
+
+    log = {"avg_gt_loss": keyed([1.0, 2.0]), "average_perturb_loss": keyed([[2.0, 3.0], [2.5, 3.5]]),
+           "avg_paraphrased_loss": keyed([1.5, 1.0]), "rougeL_recall": keyed([0.5, 0.2]),
+           "rouge1_recall": keyed([0.6, 0.3]), "degenerate": keyed([1.0, 0.0]), "rep_4": keyed([0.5, 0.0]),
+           "distinct_1": keyed([0.2, 1.0]), "distinct_2": keyed([0.1, 1.0]), "generated_ppl": keyed([None, 3.0])}
+    ou = tofu_eval_from_logs({"eval_log_forget": log})
+    assert ou["forget_fluency"]["agg_value"] == 0.5
+    back = logs_from_tofu_eval(ou)["eval_log_forget.json"]
+    a, b = split_metrics(log, "eval_log_forget"), split_metrics(back, "eval_log_forget")
+    for k in ("degenerate_rate", "rep_4", "distinct_1", "distinct_2", "generated_ppl", "generated_ppl_median"):
+        assert a[k] == b[k], k
+    assert a["generated_ppl"] == 3.0 and a["degenerate_rate"] == 0.5
