@@ -65,6 +65,19 @@ class LossConfig:
     # rmu_steering · u (u a fixed random unit vector); gamma weighs the retain term (RMU's alpha)
     rmu_layer: int = 7
     rmu_steering: float = 6.5
+    # IdkDPO (open-unlearning configs/trainer/DPO.yaml): β of -(2/β) log σ(β (ρ_idk − ρ_true))
+    dpo_beta: float = 0.1
+    # ALTER / AsymLoRA forget-expert target: "ihl" (the paper: inverse hinge on low-entropy forget tokens) or
+    # "idk" (beyond the paper: NLL of an "I don't know" answer from <data>/idontknow.jsonl on every answer
+    # token of the forget question, so that forgotten questions are answered with a refusal)
+    forget_target: str = "ihl"
+    # beyond the paper (issue 19): weight of an NLL term on the HIGH-entropy answer tokens of forget rows,
+    # owned by the forget experts (a B-term; the spec gives them only IHL on low-entropy tokens, so at
+    # high-entropy positions the forget expert is untrained). 0 = the spec
+    forget_high_nll: float = 0.0
+    # beyond the paper (issue 19): IHL as a hinge with margin m, max(0, p_t − max_{v≠t} p_v + m); it stops
+    # pushing a token once another leads it by m (IHL_t = 1 + p_t − max p_v is the m = 1 case, the spec's)
+    ihl_margin: float = 1.0
     rmu_params: str = ""  # regex over parameter paths ('layers.5.mlp.down_proj.kernel'); "" = the
     # down_proj kernels of layers rmu_layer-2 .. rmu_layer, as in the WMDP reference code
 
@@ -145,6 +158,7 @@ CHOICES = {
     ("entropy", "inference_source"): ("base", "self"),
     ("loss", "struct_penalty"): ("drift", "grad", "none"),
     ("loss", "retain_loss"): ("", "nll", "kl"),
+    ("loss", "forget_target"): ("ihl", "idk"),
     ("data", "kind"): ("qa", "text"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("model", "attention_impl"): ("xla", "cudnn", "auto"),
@@ -239,6 +253,9 @@ _RANGES = (
     ("optim", "clip_norm", 0.0, True, "0 = no clipping"),
     ("optim", "weight_decay", 0.0, True, "AdamW decay"),
     ("entropy", "q", 0.0, False, "the Tsallis order (1 = Shannon)"),
+    ("loss", "dpo_beta", 0.0, False, "IdkDPO's inverse temperature (open-unlearning: 0.1)"),
+    ("loss", "forget_high_nll", 0.0, True, "weight of the forget experts' NLL on high-entropy forget tokens; 0 = off"),
+    ("loss", "ihl_margin", 0.0, False, "IHL hinge margin in (0, 1]; 1 = the paper's IHL"),
     ("model", "max_length", 2, True, "tokens per row (prompt + answer)"),
     ("model", "length_bucket", 0, True, "batch widths are multiples of it; 0 = always max_length"),
     ("model", "head_chunk", 0, True, "scored positions per LM-head block; 0 = all at once"),
@@ -289,6 +306,13 @@ def check_ranges(run: RunConfig) -> None:
                 f"config.entropy.value = θ = {e.value:g} is unreachable with config.entropy.q = {e.q:g}: Tsallis entropy "
                 f"satisfies S_q < 1/(q-1) = {1.0 / (e.q - 1.0):g}, so no token would be high-entropy. Lower q below "
                 f"{1.0 + 1.0 / e.value:.3g} if θ > 0, lower θ, or use config.entropy.threshold=quantile (value 0.3).")
+    if not m.asymmetric and (run.loss.forget_target != "ihl" or run.loss.forget_high_nll or run.loss.ihl_margin != 1.0):
+        raise ConfigValueError(f"config.loss.forget_target / forget_high_nll / ihl_margin shape ALTER's forget experts; "
+                               f"method {m.name!r} has none. Use them with alter / asymlora, or the idk_nll / idk_dpo "
+                               "methods for 'I don't know' answers.")
+    if run.loss.ihl_margin > 1.0:
+        raise ConfigValueError(f"config.loss.ihl_margin = {run.loss.ihl_margin!r}; the IHL hinge margin lies in (0, 1] "
+                               "(1 = the paper's IHL, 1 + p_t − max p_v, which is never below 0).")
     if run.data.num_subdomains and run.data.num_forget and run.data.num_subdomains > run.data.num_forget:
         raise ConfigValueError(f"config.data.num_subdomains = {run.data.num_subdomains} exceeds config.data.num_forget = "
                                f"{run.data.num_forget} forget rows; each sub-domain needs at least one row (0 = choose "

@@ -29,6 +29,9 @@ References for the baselines:
   Optimization for LLM Unlearning" (arXiv:2410.07163), Eq. (4).
 * IHL: Cha et al., 2024, "Towards Robust and Cost-Efficient Knowledge Unlearning for
   LLMs"; ALTER paper Eq. (8) and ALTER_SPEC.md section 4.
+* IdkNLL / IdkDPO: TOFU (Maini et al., 2024, the "I don't know" preference baseline) with
+  open-unlearning's DPO (``src/trainer/utils.py::compute_dpo_loss``, ``configs/trainer/DPO.yaml``:
+  β = 0.1) and Rafailov et al., 2023, "Direct Preference Optimization" (arXiv:2305.18290), Eq. (7).
 * RMU: Li et al., 2024, "The WMDP Benchmark: Measuring and Reducing Malicious Use with
   Unlearning" (arXiv:2403.03218), Eq. (1)-(2); the token masking and the per-example mean
   of open-unlearning (``src/trainer/unlearn/rmu.py``).
@@ -77,6 +80,9 @@ __all__ = [
     "simnpo_loss",
     "rmu_activation_loss",
     "example_mean",
+    "dpo_from_log_ratios",
+    "dpo_loss",
+    "dpo_loss_from_log_likelihood",
 ]
 
 
@@ -435,6 +441,58 @@ def simnpo_loss_from_log_likelihood(
     """:func:`simnpo_loss` from the per-token ``log p_θ(x_t)``."""
     stats = per_example_nll_from_log_likelihood(logp, mask)
     return example_mean(simnpo_from_mean_nll(stats.mean, beta, gamma), stats.count)
+
+
+# --------------------------------------------------------------------------- DPO (IdkDPO)
+
+
+def dpo_from_log_ratios(win_log_ratio: Float[Array, " b"], lose_log_ratio: Float[Array, " b"],
+                        beta: float) -> Float[Array, " b"]:
+    """DPO per example from the sequence log-ratios ``ρ = log π_θ(y|x) − log π_ref(y|x)``:
+
+    ``ℓ_i = −(2/β) · log σ(β · (ρ_w,i − ρ_l,i))`` (Rafailov et al. 2023, Eq. 7, scaled by 2/β as
+    open-unlearning's ``compute_dpo_loss``, so that its gradient at ρ = 0 is that of NLL on
+    ``y_w`` minus NLL on ``y_l``). Shape ``[B]``."""
+    return -(2.0 / beta) * jax.nn.log_sigmoid(beta * (win_log_ratio - lose_log_ratio))
+
+
+def dpo_loss(
+    win_logits: Float[Array, "b t v"], win_targets: Int[Array, "b t"], win_mask: Float[Array, "b t"],
+    win_ref_log_prob: Float[Array, " b"],
+    lose_logits: Float[Array, "b t v"], lose_targets: Int[Array, "b t"], lose_mask: Float[Array, "b t"],
+    lose_ref_log_prob: Float[Array, " b"],
+    beta: float = 0.1,
+) -> Float[Array, ""]:
+    """IdkDPO's forget term: DPO with the preferred answer ``y_w`` (an "I don't know" answer) over
+    the rejected ``y_l`` (the true forget answer), both after the same forget question:
+
+    ``L = mean_i −(2/β) log σ(β [(log π_θ(y_w,i) − log π_ref(y_w,i)) − (log π_θ(y_l,i) − log π_ref(y_l,i))])``
+
+    with ``log π(y|x) = Σ_t m_t log p(y_t | x, y_<t)`` (sums over answer tokens, as
+    open-unlearning's ``compute_batch_nll``); mean over examples whose two answers both have
+    tokens. ``*_ref_log_prob [B]``: the reference's (frozen) sequence log-probabilities."""
+    _check_aligned(win_logits, win_targets, win_mask)
+    _check_aligned(lose_logits, lose_targets, lose_mask)
+    return dpo_loss_from_log_likelihood(token_log_likelihood(win_logits, win_targets), win_mask, win_ref_log_prob,
+                                        token_log_likelihood(lose_logits, lose_targets), lose_mask, lose_ref_log_prob,
+                                        beta)
+
+
+def dpo_loss_from_log_likelihood(
+    win_logp: Float[Array, "b t"], win_mask: Float[Array, "b t"], win_ref_log_prob: Float[Array, " b"],
+    lose_logp: Float[Array, "b t"], lose_mask: Float[Array, "b t"], lose_ref_log_prob: Float[Array, " b"],
+    beta: float = 0.1,
+) -> Float[Array, ""]:
+    """:func:`dpo_loss` from the per-token ``log p_θ`` of both answers (``[B, A]`` each; the two
+    may have different widths) and the reference's sequence log-probabilities ``[B]`` (the
+    trainer's pre-pass computes them once with the frozen backbone)."""
+    chex.assert_shape(win_ref_log_prob, (win_logp.shape[0],))
+    chex.assert_shape(lose_ref_log_prob, (lose_logp.shape[0],))
+    sg = jax.lax.stop_gradient
+    win = -per_example_nll_from_log_likelihood(win_logp, win_mask).sum - sg(win_ref_log_prob).astype(jnp.float32)
+    lose = -per_example_nll_from_log_likelihood(lose_logp, lose_mask).sum - sg(lose_ref_log_prob).astype(jnp.float32)
+    both = jnp.minimum(jnp.sum(win_mask, axis=-1), jnp.sum(lose_mask, axis=-1))
+    return example_mean(dpo_from_log_ratios(win, lose, beta), both)
 
 
 # --------------------------------------------------------------------------- RMU

@@ -52,6 +52,13 @@ def test_quick_study_report_and_resume(tofu_dir, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Command: `test`" in md and "| alter |" in md and "Real Authors" in md
     assert (tmp_path / "out" / "fq_vs_mu.png").stat().st_size > 1000
+    # issue 19: fluency of the greedy answers next to FQ (under the full model), examples of each best setting
+    assert "| forget degenerate | forget gen. ppl | retain degenerate | retain gen. ppl |" in md
+    for name, r in rows.items():
+        assert 0.0 <= r["forget_degenerate"] <= 1.0 and 0.0 <= r["retain_degenerate"] <= 1.0, name
+        assert r["forget_gen_ppl"] is None or r["forget_gen_ppl"] >= 1.0, name
+        assert len(r["examples"]["forget"]) == 3 and len(r["examples"]["retain"]) == 3, name
+    assert "## Example answers" in md and "**alter** (`alter" in md and "**ga** (`ga`)" in md
     # issue 14: --quick printed "Model Utility 0.000" for every model; its 1-epoch full model has not learned
     # the data (retain prob ~0.003), so MU / FQ are reported as not measurable instead
     assert rows["full"]["utility_parts"]["Retain Prob."] < S.LEARNED_PROB and report["full_learned"] is False

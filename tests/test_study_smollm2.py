@@ -26,7 +26,7 @@ def test_build_data_writes_a_tofu_layout_subset(tofu_dir, tmp_path):
     assert set(load_tofu_split("forget", str(tmp_path))[0]) == {"question", "answer"}
 
 
-def _fake_logs(folder: Path, rng, shift: float) -> None:
+def _fake_logs(folder: Path, rng, shift: float, fluency: bool = False) -> None:
     """The four legacy logs with the keys :func:`alter_jax.eval.tofu.aggregate` reads."""
     def keyed(v):
         return {str(i): x for i, x in enumerate(v)}
@@ -38,6 +38,13 @@ def _fake_logs(folder: Path, rng, shift: float) -> None:
                "rougeL_recall": keyed(rng.uniform(0.2, 0.9, n).tolist()),
                "avg_paraphrased_loss": keyed((rng.uniform(0.5, 1.5, n) + shift).tolist()),
                "average_perturb_loss": keyed(rng.uniform(1.5, 2.5, (n, k)).tolist())}
+        if fluency and name in ("eval_log_forget", "eval_log"):  # what evaluate_split writes with generation
+            gens = (["..........", "I do not know that."] * n)[:n]
+            log["generated_text"] = keyed([[f"q{i}", g, f"gt{i}"] for i, g in enumerate(gens)])
+            log["degenerate"] = keyed([1.0 if g.startswith(".") else 0.0 for g in gens])
+            log["rep_4"] = keyed([0.0] * n)
+            log["distinct_1"] = log["distinct_2"] = keyed([1.0] * n)
+            log["generated_ppl"] = keyed([None if g.startswith(".") else 4.0 for g in gens])
         (folder / f"{name}.json").write_text(json.dumps(log))
     (folder / "summary.json").write_text(json.dumps({"eval_wall_s": 1.0}))
     (folder / "paraphrase.json").write_text(json.dumps({"rougeL_recall": [0.5, 0.25], "generated": ["a", "b"]}))
@@ -51,7 +58,7 @@ def test_report_from_finished_stages(tmp_path):
     (work / "data").mkdir(parents=True)
     (work / "data" / "counts.json").write_text(json.dumps({"forget": 6, "retain": 4}))
     for name, shift in (("untouched", 1.0), ("full", 0.0), ("retain", 1.0), ("alter", 1.0), ("alter_lr3e-3", 1.0)):
-        _fake_logs(work / "eval" / name, rng, shift)
+        _fake_logs(work / "eval" / name, rng, shift, fluency=name != "alter_lr3e-3")
     for name in ("full", "retain"):
         (work / "models" / name).mkdir(parents=True)
         (work / "models" / name / "finetune.json").write_text(json.dumps({"wall_s": 12.0}))
@@ -81,6 +88,14 @@ def test_report_from_finished_stages(tmp_path):
     assert v["method"] == "alter" and v["overrides"] == {"lr_lora": 3e-3} and "alter_lr3e-3" not in rep["methods"]
     assert "| alter_lr3e-3 |" in md and "`alter_lr3e-3`: alter with {'lr_lora': 0.003}" in md
     assert (out / "fq_vs_mu.png").stat().st_size > 1000
+    # issue 19: fluency next to FQ (3 of 6 forget answers degenerate; ppl over the non-empty ones), "—" where
+    # the logs predate it, and example answers of each method's best setting
+    assert a["forget_degenerate"] == pytest.approx(0.5) and a["forget_gen_ppl"] == pytest.approx(4.0)
+    assert a["retain_degenerate"] == pytest.approx(0.5) and v["forget_degenerate"] is None
+    assert "forget degenerate | forget gen. ppl" in md
+    row = next(l for l in md.splitlines() if l.startswith("| alter |"))
+    assert "| 0.500 | 4.000 | 0.500 | 4.000 |" in row
+    assert "## Example answers" in md and "| forget | .......... | gt0 |" in md and "| retain | I do not know that. | gt1 |" in md
 
 
 def test_variants_override_one_setting_and_bad_ones_are_named():

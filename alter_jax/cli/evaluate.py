@@ -3,6 +3,7 @@
     bin/evaluate tofu-aggregate --logs DIR [--retain-logs DIR] [--json]
     bin/evaluate tofu --model PATH --out DIR [--data SRC] [--forget-split forget10] [--json OUT] ...
     bin/evaluate relearn --run RUN [--steps 0,1,2,4,8,16] [--mode auto|adapter|full|lora] ...
+    bin/evaluate routing --run RUN [--num-questions N] [--no-grid]   (ALTER: routing of generated tokens)
 
 Subcommands live in a registry so other modules can add theirs (``mcq``, ``muse``, ...):
 
@@ -132,6 +133,13 @@ metrics (docs/eval_definitions.md gives each formula and its source):
     truth_ratio_prob_mean  open-unlearning prob_mean: mean p_c / (p_c + p_w)
     exact_memorization     share of answer tokens that are the teacher-forced argmax
     extraction_strength    1 - (shortest prefix share after which argmax reproduces the answer)
+    degenerate_rate        share of greedy answers that are empty, letterless, or one whitespace-token
+                           run / one character run covering more than half of the answer
+    rep_4                  mean repeated 4-gram rate of the greedy answers
+    distinct_1, distinct_2 mean distinct unigram / bigram share of the greedy answers
+    generated_ppl          mean perplexity of the greedy answers under the untouched backbone
+                           (--fluency-model; with --run the run's base model), prompt + answer scored,
+                           answer tokens averaged; generated_ppl_median their median
   membership inference, forget vs holdout rows (--holdout), AUC as open-unlearning:
     mia_loss_auc, mia_zlib_auc, mia_min_k_auc, mia_min_k_plus_plus_auc, mia_gradnorm_auc,
     mia_reference_auc (needs --reference-model)
@@ -176,6 +184,9 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--attacks", default="loss,zlib,min_k,min_k_plus_plus,gradnorm,reference",
                    help="comma list of membership attacks (reference runs only with --reference-model)")
     p.add_argument("--reference-model", default=None, help="reference model for the reference-based attack")
+    p.add_argument("--fluency-model", default=None,
+                   help="the untouched backbone that scores the greedy answers for generated_ppl (default: with --run "
+                        "the run's base model, else the evaluated model itself); 'none' skips generated_ppl")
     p.add_argument("--mia-k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++ (default 0.4)")
     p.add_argument("--gradnorm-p", type=float, default=2.0, help="p-norm of GradNorm (1, 2 or inf)")
     p.add_argument("--dtype", default="float32")
@@ -202,6 +213,7 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
             from alter_jax.io.hf import load_pretrained
 
             ref_fn = model_fns(load_pretrained(args.reference_model, dtype=args.dtype))[0]
+        ppl_fn, ppl_name = _fluency_model(args, logits_fn)
         max_new = None if args.generation_max_length else args.max_new_tokens
         res = evaluate_tofu(
             logits_fn, generate_fn, tok, args.out, forget_split=args.forget_split, source=args.data,
@@ -210,7 +222,7 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
             max_new_tokens=max_new, retain_logs=args.retain_logs, progress=not args.no_progress,
             system_prompt=args.system_prompt, paraphrased_questions=args.paraphrased_questions,
             holdout=args.holdout, attacks=attacks, gradnorm_fn=gradnorm_fn, reference_logits_fn=ref_fn,
-            mia_k=args.mia_k,
+            mia_k=args.mia_k, ppl_logits_fn=ppl_fn, ppl_reference=ppl_name,
         )
         metrics = res["metrics"]
         if args.json_out:
@@ -221,6 +233,31 @@ def _tofu_args(p: argparse.ArgumentParser) -> Runner:
         return 0
 
     return run
+
+
+def _fluency_model(args: argparse.Namespace, logits_fn):
+    """``(LogitsFn or None, name)`` of the model that scores generated answers (generated_ppl):
+    ``--fluency-model``, else the run's base model (``--run``: the untouched backbone), else the
+    evaluated model itself."""
+    from alter_jax.generate import model_fns
+
+    name = getattr(args, "fluency_model", None)
+    if name == "none":
+        return None, None
+    if name:
+        from alter_jax.io.hf import load_pretrained
+
+        return model_fns(load_pretrained(name, dtype=args.dtype))[0], name
+    if getattr(args, "run", None):
+        from pathlib import Path
+
+        from alter_jax import config as C
+        from alter_jax.train.loop import load_model_and_tokenizer
+
+        run = C.build(json.loads((Path(args.run) / "config.json").read_text())["config"])
+        base, _, folder = load_model_and_tokenizer(run.model, progress=False)
+        return model_fns(base)[0], f"{folder} (the run's base model)"
+    return logits_fn, f"{args.model} (the evaluated model itself; pass --fluency-model for the backbone)"
 
 
 def _load_model_tofu(args: argparse.Namespace):
@@ -357,6 +394,34 @@ def _relearn_args(p: argparse.ArgumentParser) -> Runner:
                             num_eval=args.num_eval, max_new_tokens=args.max_new_tokens, reference=not args.no_reference)
         res = relearn(args.run, cfg, out=args.out, progress=not args.no_progress)
         print("wrote " + ", ".join(res["files"]))
+        return 0
+
+    return run
+
+
+@subcommand("routing", help="ALTER diagnostic: where generated tokens route (expert, entropy, high/low), what each "
+            "expert predicts there, and inference settings (retain_bias, top_k, tau_high, entropy source) scored")
+def _routing_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--run", required=True, help="a finished ALTER / AsymLoRA bin/unlearn output folder")
+    p.add_argument("--num-questions", type=int, default=0, help="forget and retain questions each (0: the run's eval)")
+    p.add_argument("--no-grid", action="store_true", help="only the trace, no settings grid")
+    p.add_argument("--settings", default=None,
+                   help="the grid instead of the default one: settings separated by ';', changes joined by '+', e.g. "
+                        "'retain_bias=0;retain_bias=3;top_k=1+tau_high=2;generation_source=base'")
+    p.add_argument("--trace-sources", default="self,base", help="entropy sources traced (self, base or both)")
+    p.add_argument("--out", default=None, help="folder for routing.json (default: the run folder)")
+
+    def run(args: argparse.Namespace) -> int:
+        from alter_jax.eval.routing import DEFAULT_GRID, parse_settings, run_routing_diagnostic
+
+        _check_run_folder(args)
+        grid = () if args.no_grid else (parse_settings(args.settings) if args.settings else DEFAULT_GRID)
+        sources = tuple(s.strip() for s in args.trace_sources.split(",") if s.strip())
+        if not set(sources) <= {"self", "base"}:
+            raise ValueError(f"--trace-sources {args.trace_sources!r}: choose from self, base")
+        run_routing_diagnostic(args.run, num_questions=args.num_questions, grid=grid, out=args.out,
+                               log=lambda m: print(m, file=sys.stderr), sources=sources)
+        print(f"wrote {args.out or args.run}/routing.json")
         return 0
 
     return run

@@ -94,14 +94,24 @@ def forget_retain_batches(
     epoch: int = 0,
     shuffle: bool = True,
     drop_last: bool = False,
+    aligned: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Iterator[dict[str, Batch]]:
     """Yield ``{"forget": batch, "retain": batch}``: forget examples in (seeded) order,
-    each with its randomly paired retain example at the same batch position."""
+    each with its randomly paired retain example at the same batch position. ``aligned``: more
+    sides row-aligned with ``forget`` (e.g. ``{"idk": arrays}``: the same questions with an "I don't
+    know" answer), taken at the forget indices."""
     n_f = len(next(iter(forget.values())))
     n_r = len(next(iter(retain.values())))
+    for name, side in (aligned or {}).items():
+        if len(next(iter(side.values()))) != n_f:
+            raise ValueError(f"forget_retain_batches: side {name!r} has {len(next(iter(side.values())))} rows, "
+                             f"forget {n_f}; aligned sides need one row per forget row")
     partner = pair_forget_retain(n_f, n_r, seed, epoch)
     for idx in batch_indices(n_f, batch_size, shuffle, seed, epoch, drop_last):
-        yield {"forget": take(forget, idx), "retain": take(retain, partner[idx])}
+        out = {"forget": take(forget, idx), "retain": take(retain, partner[idx])}
+        for name, side in (aligned or {}).items():
+            out[name] = take(side, idx)
+        yield out
 
 
 def fill_batch(batch: Mapping[str, Mapping[str, np.ndarray]], batch_size: int) -> dict[str, Batch]:

@@ -205,6 +205,19 @@ def load_idk(source: str | os.PathLike) -> list[str]:
     return lines
 
 
+def pair_idk(rows: Sequence[dict], answers: Sequence[str], seed: int = 0) -> list[dict]:
+    """The rows with ``answer`` replaced by an "I don't know" answer drawn uniformly from ``answers``
+    (one fixed draw per row, ``numpy.random.default_rng([seed, 19])``; open-unlearning's
+    ``QAwithIdkDataset`` redraws at every fetch, a fixed draw keeps runs resumable and bitwise
+    reproducible). Other fields are kept; ``idk_index`` names the answer drawn."""
+    import numpy as np
+
+    if not answers:
+        raise TofuDataError("pair_idk: no 'I don't know' answers given")
+    pick = np.random.default_rng([seed, 19]).integers(0, len(answers), size=len(rows))
+    return [{**r, "answer": answers[int(k)], "idk_index": int(k)} for r, k in zip(rows, pick)]
+
+
 def author_blocks(rows: Sequence[dict], per_author: int = 20) -> list[list[dict]]:
     """Split rows into consecutive author blocks of ``per_author`` rows (TOFU: 20)."""
     if per_author < 1:

@@ -12,13 +12,28 @@ report cheap, reproducible proxies, each per answer, then its mean and (populati
 - ``distinct_n``: ``|unique n-grams| / |n-grams|`` (Li et al. 2016) for n = 1, 2 (Eq. F3);
   0 for an answer with no n-gram.
 
+- ``degenerate``: 1 if the answer is visibly broken (Eq. F4, :func:`degenerate_reason`), else 0;
+  its mean over answers is the degenerate-answer rate.
+
 Words for rep/distinct are ``re.findall(r"\\w+|[^\\w\\s]", text.lower())`` (lower-cased words and
 single punctuation marks), so the numbers do not depend on a model's tokenizer.
+
+Degenerate answers (Eq. F4, docs/eval_definitions.md). After ``strip()``, an answer is degenerate
+if it is (a) empty, (b) has no letter (no character with ``str.isalpha``), (c) one run of the same
+*whitespace token* repeated back to back (length ≥ 2) covers more than half of its whitespace
+tokens, or (d) one run of the same *character* (length ≥ 2, whitespace not counted) covers more
+than half of its non-whitespace characters. Whitespace tokens are ``text.split()``, compared after
+``lower()`` and stripping surrounding ASCII punctuation (a token that is only punctuation is kept
+as it is). Tokens are whitespace tokens, not a tokenizer's: the rate must compare models with
+different tokenizers, and a BPE vocabulary may hold ``"................"`` as one token; character
+runs catch what whitespace tokens cannot (``KKKKKKKK``, ``Ign.............``). Runs of length 1 never
+count, so a one-word answer (``Paris.``) is not degenerate.
 """
 
 from __future__ import annotations
 
 import re
+import string
 from typing import Callable, Sequence
 
 import numpy as np
@@ -50,6 +65,51 @@ def distinct_n(text: str, n: int) -> float:
     """Eq. F3: ``|unique n-grams| / |n-grams|`` of ``text`` (0.0 if no n-gram)."""
     grams = ngrams(words(text), n)
     return 0.0 if not grams else len(set(grams)) / len(grams)
+
+
+def _norm_token(tok: str) -> str:
+    return tok.lower().strip(string.punctuation) or tok
+
+
+def longest_run(items: Sequence) -> int:
+    """Length of the longest run of equal consecutive items (0 for an empty sequence)."""
+    best = cur = 0
+    prev = object()
+    for x in items:
+        cur = cur + 1 if x == prev else 1
+        prev = x
+        best = max(best, cur)
+    return best
+
+
+def degenerate_reason(text: str) -> str | None:
+    """Eq. F4: why ``text`` is a degenerate answer — ``"empty"``, ``"no_letters"``, ``"token_run"``
+    or ``"char_run"`` (first that applies, in that order) — or None when it is not (module
+    docstring: whitespace tokens, runs of length ≥ 2 covering more than half)."""
+    t = text.strip()
+    if not t:
+        return "empty"
+    if not any(c.isalpha() for c in t):
+        return "no_letters"
+    toks = [_norm_token(w) for w in t.split()]
+    run = longest_run(toks)
+    if run >= 2 and run > len(toks) / 2:
+        return "token_run"
+    chars = [c for c in t if not c.isspace()]
+    run = longest_run(chars)
+    if run >= 2 and run > len(chars) / 2:
+        return "char_run"
+    return None
+
+
+def is_degenerate(text: str) -> bool:
+    """Eq. F4 as a boolean (:func:`degenerate_reason` is not None)."""
+    return degenerate_reason(text) is not None
+
+
+def degenerate_rate(answers: Sequence[str]) -> float:
+    """Share of degenerate answers (Eq. F4); NaN for no answer."""
+    return float(np.mean([is_degenerate(a) for a in answers])) if len(answers) else float("nan")
 
 
 def token_logprobs(
@@ -121,6 +181,55 @@ def answer_perplexities(
     return out
 
 
+def continuation_perplexities(
+    logits_fn: LogitsFn,
+    prefixes: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Eq. F1 on token ids: ``exp(−mean_t log p(c_t | prefix, c_<t))`` over the continuation's
+    tokens, the model scoring ``prefix + continuation`` (e.g. the prompt ids a model generated
+    after and the ids it generated, cut at EOS). ``max_length`` keeps the last tokens.
+    Returns ``float64[N]``; NaN for an empty continuation."""
+    if len(prefixes) != len(continuations):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(continuations)} continuations")
+    seqs, n_cont = [], []
+    for pre, cont in zip(prefixes, continuations):
+        seq = list(pre) + list(cont)
+        if max_length is not None:
+            seq = seq[-max_length:]
+        seqs.append(seq)
+        n_cont.append(min(len(cont), max(len(seq) - 1, 0)))
+    lps = token_logprobs(logits_fn, seqs, pad_id, batch_size=batch_size, progress=progress, desc="ppl")
+    out = np.full(len(seqs), np.nan)
+    for k, (lp, n) in enumerate(zip(lps, n_cont)):
+        if n > 0:
+            out[k] = float(np.exp(-lp[-n:].mean()))
+    return out
+
+
+def answer_fluency(answers: Sequence[str], rep_n: int = 4) -> dict[str, np.ndarray]:
+    """The text-only proxies per answer: ``degenerate`` (0/1, Eq. F4), ``rep_<n>`` (F2),
+    ``distinct_1`` / ``distinct_2`` (F3); each ``float64[N]``."""
+    return {
+        "degenerate": np.array([float(is_degenerate(a)) for a in answers], np.float64),
+        f"rep_{rep_n}": np.array([repetition_rate(a, rep_n) for a in answers], np.float64),
+        "distinct_1": np.array([distinct_n(a, 1) for a in answers], np.float64),
+        "distinct_2": np.array([distinct_n(a, 2) for a in answers], np.float64),
+    }
+
+
+def finite_mean(values) -> float | None:
+    """Mean of the finite entries (None when there is none): a perplexity summary that skips the
+    empty answers."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
+
+
 def _summary(values: np.ndarray) -> dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -142,13 +251,10 @@ def fluency_report(
     """Per-answer proxies and their mean / variance over answers.
 
     Returns ``{"summary": {metric: {"mean", "var"}}, "per_answer": {metric: list}}`` with
-    metrics ``rep_<n>``, ``distinct_1``, ``distinct_2`` and, when ``logits_fn`` and
-    ``tokenizer`` are given, ``ppl`` (answers with no token are left out of its summary)."""
-    per = {
-        f"rep_{rep_n}": np.array([repetition_rate(a, rep_n) for a in answers]),
-        "distinct_1": np.array([distinct_n(a, 1) for a in answers]),
-        "distinct_2": np.array([distinct_n(a, 2) for a in answers]),
-    }
+    metrics ``degenerate`` (its mean is the degenerate-answer rate), ``rep_<n>``, ``distinct_1``,
+    ``distinct_2`` and, when ``logits_fn`` and ``tokenizer`` are given, ``ppl`` (answers with no
+    token are left out of its summary)."""
+    per = answer_fluency(answers, rep_n)
     if logits_fn is not None:
         if tokenizer is None:
             raise ValueError("fluency_report: perplexity needs the tokenizer of the reference model")

@@ -108,7 +108,8 @@ OU_TR_KEY = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Ratio", "ra
              "wf": "wf_Truth_Ratio"}
 PQ_SUFFIX = "_paraphrased_question"  # paraphrased-question mode: extra tasks for forget and retain
 PER_SPLIT_METRICS = ("prob", "rouge_l_recall", "truth_ratio", "truth_ratio_prob_mean", "exact_memorization",
-                     "extraction_strength")
+                     "extraction_strength", "degenerate_rate", "rep_4", "distinct_1", "distinct_2", "generated_ppl",
+                     "generated_ppl_median")
 
 
 class TofuLogsError(ValueError):
@@ -200,8 +201,11 @@ def generate_answers(
     max_new_tokens: int | None = None,
     bucket: int = 16,
     progress: bool = False,
-) -> tuple[list[str], list[str]]:
-    """Greedy answers to ``questions``. Returns ``(prompt_texts, generations)``.
+    return_ids: bool = False,
+):
+    """Greedy answers to ``questions``. Returns ``(prompt_texts, generations)``, with
+    ``return_ids`` also ``(prompt_ids, generated_ids)`` (lists of token-id lists: the prompt the
+    model saw and the new tokens before the first EOS; what a reference model rescores).
 
     Prompts are left-padded to the batch's longest prompt rounded up to ``bucket``
     tokens (``L``, so a jitted generator compiles a few shapes only). ``max_new_tokens``
@@ -217,6 +221,7 @@ def generate_answers(
     prompts = [encode_prompt(tokenizer, q, fmt) for q in questions]
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     gens: list[str] = []
+    gen_ids: list[list[int]] = []
     starts = range(0, len(prompts), batch_size)
     for s in _progress(starts, "generating", len(starts), progress):
         chunk = prompts[s:s + batch_size]
@@ -234,8 +239,55 @@ def generate_answers(
             row = row.tolist()
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
+            gen_ids.append(row)
             gens.append(tokenizer.decode(row, skip_special_tokens=True))
+    if return_ids:
+        return texts, gens, [list(p) for p in prompts], gen_ids
     return texts, gens
+
+
+FLUENCY_KEYS = ("degenerate", "rep_4", "distinct_1", "distinct_2")  # per-row log keys (eval/fluency.py)
+
+
+def generation_fluency(gens: Sequence[str], prompt_ids=None, gen_ids=None, ppl_logits_fn: LogitsFn | None = None,
+                       tokenizer=None, batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Fluency of generated answers, per row (``float64[N]`` each): :data:`FLUENCY_KEYS`
+    (:func:`alter_jax.eval.fluency.answer_fluency`) and, with ``ppl_logits_fn`` (the untouched
+    backbone), ``generated_ppl``: the backbone scores prompt + generated tokens, perplexity over the
+    generated tokens (Eq. F1; NaN for an empty answer)."""
+    from alter_jax.eval.fluency import answer_fluency, continuation_perplexities
+
+    out = answer_fluency(gens, 4)
+    if ppl_logits_fn is not None:
+        if prompt_ids is None or gen_ids is None or tokenizer is None:
+            raise ValueError("generation_fluency: the generated perplexity needs prompt_ids, gen_ids and the tokenizer")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        out["generated_ppl"] = continuation_perplexities(ppl_logits_fn, prompt_ids, gen_ids, pad, batch_size)
+    return out
+
+
+def fluency_summary(per_row: Mapping[str, Any]) -> dict[str, float | None]:
+    """Split-level fluency from per-row values (arrays, or a log's ``{str(i): v}``):
+    ``degenerate_rate`` (mean of ``degenerate``), ``rep_4``, ``distinct_1``, ``distinct_2`` (means),
+    ``generated_ppl`` (mean over answers with a token) and ``generated_ppl_median``; None where
+    absent."""
+    from alter_jax.eval.fluency import finite_mean
+
+    def vals(key):
+        v = per_row.get(key)
+        if v is None:
+            return None
+        return np.asarray(list(v.values()) if isinstance(v, Mapping) else v, np.float64)
+
+    out: dict[str, float | None] = {}
+    for key, name in (("degenerate", "degenerate_rate"), ("rep_4", "rep_4"), ("distinct_1", "distinct_1"),
+                      ("distinct_2", "distinct_2"), ("generated_ppl", "generated_ppl")):
+        v = vals(key)
+        out[name] = None if v is None else finite_mean(v)
+    v = vals("generated_ppl")
+    fin = None if v is None else v[np.isfinite(v)]
+    out["generated_ppl_median"] = float(np.median(fin)) if fin is not None and fin.size else None
+    return out
 
 
 def rouge_recall(generations: Sequence[str], ground_truths: Sequence[str]) -> tuple[list[float], list[float]]:
@@ -276,7 +328,7 @@ def qa_token_stats(
 
 
 def _evaluate_split(rows, task, *, logits_fn, generate_fn, tokenizer, fmt, max_length, batch_size,
-                    generation_max_length, max_new_tokens, progress, question_key):
+                    generation_max_length, max_new_tokens, progress, question_key, ppl_logits_fn=None):
     fmt = resolve_format(fmt, tokenizer)
     real = task in REAL_TASKS
     if any(question_key not in r for r in rows):
@@ -309,12 +361,15 @@ def _evaluate_split(rows, task, *, logits_fn, generate_fn, tokenizer, fmt, max_l
         "num_token_gt": _keyed(gt_n.tolist()),
     }
     if generate_fn is not None:
-        texts, gens = generate_answers(generate_fn, tokenizer, qs, fmt, batch_size, generation_max_length,
-                                       max_new_tokens, progress=progress)
+        texts, gens, p_ids, g_ids = generate_answers(generate_fn, tokenizer, qs, fmt, batch_size, generation_max_length,
+                                                     max_new_tokens, progress=progress, return_ids=True)
         r1, rl = rouge_recall(gens, gts)
         log["generated_text"] = _keyed([[t, g, a] for t, g, a in zip(texts, gens, gts)])
         log["rouge1_recall"] = _keyed(r1)
         log["rougeL_recall"] = _keyed(rl)
+        # fluency of the greedy answers (not in TOFU's logs; docs/eval_definitions.md, fluency)
+        for key, vals in generation_fluency(gens, p_ids, g_ids, ppl_logits_fn, tokenizer, batch_size).items():
+            log[key] = _keyed([None if not np.isfinite(v) else float(v) for v in vals])
     log.update({
         "average_perturb_loss": _keyed(avg_pert.tolist()),
         "avg_paraphrased_loss": _keyed(avg_para.tolist()),
@@ -347,6 +402,7 @@ def evaluate_split(
     max_new_tokens: int | None = None,
     progress: bool = False,
     question_key: str = "question",
+    ppl_logits_fn: LogitsFn | None = None,
 ) -> dict[str, dict[str, Any]]:
     """One TOFU task on ``rows`` -> the legacy log (metric -> {str(index): value}).
 
@@ -356,12 +412,14 @@ def evaluate_split(
     ``generate_fn=None`` skips generation (no ROUGE / generated_text). ``question_key``:
     ``"paraphrased_question"`` asks every question in its paraphrased form (open-unlearning's
     ``question_key``). The log also holds per-row ``exact_memorization`` and
-    ``extraction_strength`` of the ground-truth answer (absent from TOFU's own logs).
+    ``extraction_strength`` of the ground-truth answer (absent from TOFU's own logs) and, with
+    generation, the fluency of each greedy answer (:func:`generation_fluency`; ``generated_ppl``
+    needs ``ppl_logits_fn``, the untouched backbone).
     """
     return _evaluate_split(rows, task, logits_fn=logits_fn, generate_fn=generate_fn, tokenizer=tokenizer, fmt=fmt,
                            max_length=max_length, batch_size=batch_size,
                            generation_max_length=generation_max_length, max_new_tokens=max_new_tokens,
-                           progress=progress, question_key=question_key)[0]
+                           progress=progress, question_key=question_key, ppl_logits_fn=ppl_logits_fn)[0]
 
 
 # ----------------------------------------------------------------------- membership inference
@@ -490,6 +548,8 @@ def evaluate_tofu(
     gradnorm_fn: M.GradNormFn | None = None,
     reference_logits_fn: LogitsFn | None = None,
     mia_k: float = M.DEFAULT_K,
+    ppl_logits_fn: LogitsFn | None = None,
+    ppl_reference: str | None = None,
 ) -> dict[str, Any]:
     """Run the four TOFU tasks, write the legacy logs, ``TOFU_EVAL.json`` /
     ``TOFU_SUMMARY.json`` and ``summary.json`` in ``out_dir``.
@@ -503,14 +563,16 @@ def evaluate_tofu(
     ``reference_logits_fn`` drive the membership attacks. Returns the summary; its
     ``"metrics"`` is the flat object of :func:`metrics_object`. Forget Quality (and the
     retain AUC of PrivLeak) need ``retain_logs`` (a retain model's log folder: ours, TOFU's
-    or open-unlearning's ``TOFU_EVAL.json``).
+    or open-unlearning's ``TOFU_EVAL.json``). ``ppl_logits_fn``: the untouched backbone that scores
+    each greedy answer for ``generated_ppl`` (None: not measured); ``ppl_reference`` names it in
+    the summary's config.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fmt = with_system_prompt(fmt, tokenizer, system_prompt)
     common = dict(logits_fn=logits_fn, generate_fn=generate_fn, tokenizer=tokenizer, fmt=fmt, max_length=max_length,
                   batch_size=batch_size, generation_max_length=generation_max_length, max_new_tokens=max_new_tokens,
-                  progress=progress)
+                  progress=progress, ppl_logits_fn=ppl_logits_fn)
     logs: dict[str, dict] = {}
     forget_eval = None
     for task, split in EVAL_TASKS.items():
@@ -559,6 +621,7 @@ def evaluate_tofu(
         "ds_size": ds_size, "max_length": max_length, "generation_max_length": generation_max_length,
         "max_new_tokens": max_new_tokens, "holdout": holdout_name, "mia_k": mia_k,
         "paraphrased_questions": paraphrased_questions,
+        "fluency_reference": (ppl_reference or "given") if ppl_logits_fn is not None else None,
     }
     metrics["config"] = summary["config"]
     with open(out / SUMMARY_FILE, "w", encoding="utf-8") as fh:
@@ -696,6 +759,9 @@ def split_metrics(log: Mapping, task: str) -> dict[str, float | None]:
     for key in ("exact_memorization", "extraction_strength"):
         if key in log:
             out[key] = mean_defined(list(log[key].values()))
+    if "degenerate" in log:  # fluency of the greedy answers (logs written before it have none)
+        out.update(fluency_summary({k: {i: (np.nan if v is None else v) for i, v in log[k].items()}
+                                    for k in (*FLUENCY_KEYS, "generated_ppl") if k in log}))
     return out
 
 
@@ -859,6 +925,11 @@ def tofu_eval_from_logs(logs: Mapping[str, Mapping], mia: Mapping[str, Mapping] 
                 out[key if prefix == "forget" else f"{prefix}_{key}"] = {
                     "agg_value": mean_defined(list(vals.values())),
                     "value_by_index": {k: {"score": v} for k, v in vals.items()}}
+        if "degenerate" in log:  # ours (issue 19): per-row fluency of the greedy answers, agg = degenerate rate
+            keys = [k for k in (*FLUENCY_KEYS, "generated_ppl") if k in log]
+            out[f"{prefix}_fluency"] = {
+                "agg_value": fluency_summary({"degenerate": log["degenerate"]})["degenerate_rate"],
+                "value_by_index": {i: {k: log[k].get(i) for k in keys} for i in sorted(log["degenerate"], key=int)}}
     for attack, e in (mia or {}).items():
         if "auc" not in e:
             continue
@@ -915,6 +986,11 @@ def logs_from_tofu_eval(data: Mapping[str, Any], where: str = OU_EVAL_FILE) -> d
             e = vbi(key if prefix == "forget" else f"{prefix}_{key}")
             if e is not None:
                 log[key] = {k: v["score"] for k, v in e.items()}
+        flu = vbi(f"{prefix}_fluency")
+        if flu:
+            for key in (*FLUENCY_KEYS, "generated_ppl"):
+                if all(key in v for v in flu.values()):
+                    log[key] = {k: v[key] for k, v in flu.items()}
         if log:
             out[task + ".json"] = log
     return out

@@ -291,13 +291,16 @@ def run_config(cfg: StudyConfig, name: str, model_dir: Path, data_dir: Path, out
 
 
 # ----------------------------------------------------------------------------- stage: evaluation
-def evaluate_model(cfg: StudyConfig, logits_fn, generate_fn, tok, data_dir: Path, out: Path) -> dict[str, Any]:
-    """Forget / retained-author TOFU logs + paraphrased-question ROUGE; writes ``out``/summary.json."""
+def evaluate_model(cfg: StudyConfig, logits_fn, generate_fn, tok, data_dir: Path, out: Path,
+                   ppl_logits_fn=None) -> dict[str, Any]:
+    """Forget / retained-author TOFU logs + paraphrased-question ROUGE; writes ``out``/summary.json.
+    ``ppl_logits_fn``: the backbone that scores the greedy answers (``generated_ppl``; the study
+    passes the full model, the one every run starts from)."""
     from alter_jax.data.tofu import load_tofu_split
     from alter_jax.eval.tofu import evaluate_split, generate_answers, rouge_recall, task_scores
 
     kw = dict(logits_fn=logits_fn, generate_fn=generate_fn, tokenizer=tok, fmt=FMT, max_length=cfg.max_length,
-              batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens)
+              batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens, ppl_logits_fn=ppl_logits_fn)
     forget = load_tofu_split("forget_perturbed", data_dir)
     retain = load_tofu_split("retain_eval_perturbed", data_dir)
     t0 = time.perf_counter()
@@ -347,8 +350,10 @@ def model_fns_for(name: str, work: Path):
 
 # ----------------------------------------------------------------------------- report
 def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
-    """Rows of the report (full, retain, each run) with Forget Quality against the retain model."""
+    """Rows of the report (full, retain, each run) with Forget Quality against the retain model, and
+    the fluency of the greedy answers (:mod:`alter_jax.study.fluency`)."""
     from alter_jax.eval.tofu import forget_quality
+    from alter_jax.study.fluency import folder_fluency
 
     retain_logs = {"eval_log_forget.json": _read_json(work / "eval" / "retain" / "eval_log_forget.json")}
     rows: dict[str, Any] = {}
@@ -362,7 +367,8 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
         row = {"forget_quality": fq, "ks_statistic": ks, "model_utility": s["model_utility"],
                "utility_parts": s["utility_parts"], "forget_rouge": s["forget_rouge"],
                "paraphrase_rouge": s["paraphrase_rouge"], "forget_prob": s["forget_prob"],
-               "forget_truth_ratio": s["forget"]["Forget Truth Ratio"], "eval_s": s["eval_s"]}
+               "forget_truth_ratio": s["forget"]["Forget Truth Ratio"], "eval_s": s["eval_s"],
+               **folder_fluency(ev)}
         if name in ("full", "retain"):
             ft = _read_json(work / "models" / name / "finetune.json")
             row["wall_s"] = ft["wall_s"]
@@ -495,9 +501,10 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         "",
         "## Results",
         "",
-        "| model | Forget Quality | Model Utility (vs full) | Retain Prob. | Retain ROUGE | Retain TR | forget ROUGE "
-        "| paraphrase ROUGE | forget Prob. | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | Forget Quality | Model Utility (vs full) | forget degenerate | forget gen. ppl | retain degenerate "
+        "| retain gen. ppl | Retain Prob. | Retain ROUGE | Retain TR | forget ROUGE | paraphrase ROUGE | forget Prob. "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     measurable = report.get("full_learned") is not False
     if not measurable:
@@ -506,7 +513,9 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         p = r["utility_parts"]
         fq_mu = (f"{_fmt(r['forget_quality'])} | {_fmt(r['model_utility'])} ({_fmt(r['mu_vs_full'], 2)})" if measurable
                  else "n/a | n/a")
-        lines.append(f"| {name} | {fq_mu} "
+        flu = " | ".join(_fmt(r.get(k)) for k in ("forget_degenerate", "forget_gen_ppl", "retain_degenerate",
+                                                   "retain_gen_ppl"))
+        lines.append(f"| {name} | {fq_mu} | {flu} "
                      f"| {_fmt(p['Retain Prob.'])} | {_fmt(p['Retain ROUGE'])} | {_fmt(p['Retain Truth Ratio'])} "
                      f"| {_fmt(r['forget_rouge'])} | {_fmt(r['paraphrase_rouge'])} | {_fmt(r['forget_prob'])} "
                      f"| {r['wall_s']:.0f} |")
@@ -525,6 +534,10 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         "- forget ROUGE / paraphrase ROUGE = ROUGE-L recall of greedy answers to `question` / `paraphrased_question` "
         "against `answer`; forget Prob. = mean exp(−mean answer-token NLL).",
         "- ALTER and AsymLoRA are evaluated through the entropy-gated forward (Eq. 9, `train.loop.model_eval_fns`).",
+        "- degenerate = share of greedy answers that are empty, letterless, or one whitespace-token / character run "
+        "covering more than half of the answer; gen. ppl = mean perplexity of the greedy answer (prompt + answer "
+        "scored, answer tokens averaged) under the full model, the backbone every run starts from "
+        "(docs/eval_definitions.md, fluency). `–`: measured before these columns existed.",
         "",
     ]
     if goal and "not_measurable" in goal:
@@ -565,6 +578,9 @@ def _markdown(cfg: StudyConfig, report: dict, command: str) -> str:
         lines += ["## Settings tried besides the defaults (same epochs and batch size: same budget)", ""]
         lines += [f"- `{n}`: {m} with {dict(o)}" for n, m, o in cfg.variants]
         lines.append("")
+    from alter_jax.study.fluency import examples_markdown
+
+    lines += examples_markdown(rows)
     lines += ["![Forget Quality vs Model Utility](fq_vs_mu.png)", ""]
     return "\n".join(lines)
 
@@ -626,6 +642,9 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-small", log: Call
         log("data: writing the TOFU subset")
         build_data(cfg, data_dir)
         ran.append("data")
+    from alter_jax.study.fluency import copy_idk_answers
+
+    copy_idk_answers(cfg.tofu_dir, data_dir)  # IdkNLL / IdkDPO read it from the subset
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         log("tokenizer: training")
@@ -641,12 +660,19 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-small", log: Call
             info = finetune_model(cfg, tok, data_dir, split, dest)
             log(f"models/{name}: {info['params'] / 1e6:.2f}M params, loss {info['final_loss']:.3f}, {info['wall_s']:.0f} s")
             ran.append(f"models/{name}")
+    backbone: list = []  # the full model's LogitsFn, loaded once when an evaluation needs it
+
+    def ppl_fn():
+        if not backbone:
+            backbone.append(model_fns_for("full", work)[1])
+        return backbone[0]
+
     for name in ("full", "retain"):
         ev = work / "eval" / name
         if not _eval_done(ev):
             log(f"eval/{name}")
             tk, lf, gf = model_fns_for(name, work)
-            s = evaluate_model(cfg, lf, gf, tk, data_dir, ev)
+            s = evaluate_model(cfg, lf, gf, tk, data_dir, ev, ppl_logits_fn=ppl_fn())
             log(f"eval/{name}: MU {s['model_utility']:.3f}, forget ROUGE {s['forget_rouge']:.3f}")
             ran.append(f"eval/{name}")
     from alter_jax.train.loop import unlearn
@@ -663,7 +689,7 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-small", log: Call
         if not _eval_done(ev):
             log(f"eval/{name}")
             tk, lf, gf = model_fns_for(name, work)
-            s = evaluate_model(cfg, lf, gf, tk, data_dir, ev)
+            s = evaluate_model(cfg, lf, gf, tk, data_dir, ev, ppl_logits_fn=ppl_fn())
             log(f"eval/{name}: MU {s['model_utility']:.3f}, forget ROUGE {s['forget_rouge']:.3f}")
             ran.append(f"eval/{name}")
         write_report(cfg, work, command)

@@ -141,16 +141,20 @@ def build_data(cfg: StudyConfig, dest: Path) -> dict[str, int]:
     return {k: len(v) for k, v in splits.items()}
 
 
-def evaluate_model(cfg: StudyConfig, logits_fn, generate_fn, tok, data_dir: Path, out: Path) -> dict[str, Any]:
+def evaluate_model(cfg: StudyConfig, logits_fn, generate_fn, tok, data_dir: Path, out: Path,
+                   ppl_logits_fn=None, ppl_reference: str | None = None) -> dict[str, Any]:
     """The whole TOFU metric set into ``out`` (legacy logs + summary.json) plus the paraphrased-question
-    ROUGE (``paraphrase.json``); returns the summary (no Forget Quality: see :func:`collect`)."""
+    ROUGE (``paraphrase.json``); returns the summary (no Forget Quality: see :func:`collect`).
+    ``ppl_logits_fn``: the model scoring the greedy answers (``generated_ppl``; the study passes
+    the untouched SmolLM2)."""
     from alter_jax.data.tofu import load_tofu_split
     from alter_jax.eval.tofu import evaluate_tofu, generate_answers, rouge_recall
 
     t0 = time.perf_counter()
     summary = evaluate_tofu(logits_fn, generate_fn, tok, out, forget_split="forget", source=str(data_dir),
                             ds_size=None, batch_size=cfg.eval_batch, max_length=cfg.max_length,
-                            max_new_tokens=cfg.max_new_tokens, progress=False)
+                            max_new_tokens=cfg.max_new_tokens, progress=False, ppl_logits_fn=ppl_logits_fn,
+                            ppl_reference=ppl_reference)
     rows = load_tofu_split("forget_perturbed", str(data_dir))
     _, gens = generate_answers(generate_fn, tok, [r["paraphrased_question"] for r in rows], batch_size=cfg.eval_batch,
                                max_new_tokens=cfg.max_new_tokens)
@@ -284,8 +288,9 @@ def speed_summary(ours_lora: dict | None, ours_alter: dict | None, torch_lora: d
 
 # ----------------------------------------------------------------------------- report
 def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
-    """report.json content from whatever stages have finished."""
+    """report.json content from whatever stages have finished (fluency: :mod:`alter_jax.study.fluency`)."""
     from alter_jax.eval.tofu import aggregate
+    from alter_jax.study.fluency import folder_fluency
 
     ev = work / "eval"
     retain_logs = ev / "retain" if _eval_done(ev / "retain") else None
@@ -302,7 +307,7 @@ def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
              "forget_rouge": agg["forget"]["Forget ROUGE"], "forget_prob": agg["forget"]["Forget Prob."],
              "forget_truth_ratio": agg["forget"]["Forget Truth Ratio"],
              "paraphrase_rouge": float(np.mean(para["rougeL_recall"])), "mu_parts": agg["parts"],
-             "eval_wall_s": summ.get("eval_wall_s")}
+             "eval_wall_s": summ.get("eval_wall_s"), **folder_fluency(d)}
         if name in ("full", "retain"):
             e["wall_s"] = _read_json(work / "models" / name / "finetune.json")["wall_s"]
         elif name == "untouched":
@@ -348,15 +353,23 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
             *rep["methods"].items(), *rep["variants"].items()]
     lines = ["# TOFU study on SmolLM2-135M-Instruct", "", f"Command: `{command}`", "",
              _scale_text(cfg, rep["data"]), "",
-             "| model | Forget Quality | Model Utility | MU / full | forget ROUGE-L | paraphrase ROUGE-L | forget Prob. | wall s (train) | wall s (eval) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | Forget Quality | Model Utility | MU / full | forget degenerate | forget gen. ppl | retain degenerate "
+             "| retain gen. ppl | forget ROUGE-L | paraphrase ROUGE-L | forget Prob. | wall s (train) | wall s (eval) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in rows:
         if e is None:
-            lines.append(f"| {name} | not finished | | | | | | | |")
+            lines.append(f"| {name} | not finished | | | | | | | | | | | |")
             continue
+        flu = " | ".join(_fmt(e.get(k)) for k in ("forget_degenerate", "forget_gen_ppl", "retain_degenerate",
+                                                   "retain_gen_ppl"))
         lines.append(f"| {name} | {_fmt(e['forget_quality'])} | {_fmt(e['model_utility'])} | {_fmt(e['mu_over_full'])} | "
+                     f"{flu} | "
                      f"{_fmt(e['forget_rouge'])} | {_fmt(e['paraphrase_rouge'])} | {_fmt(e['forget_prob'])} | "
                      f"{_fmt(e['wall_s'], 0)} | {_fmt(e['eval_wall_s'], 0)} |")
+    lines += ["", "degenerate = share of greedy answers that are empty, letterless, or one whitespace-token / character "
+              "run covering more than half of the answer; gen. ppl = mean perplexity of the greedy answer (prompt + "
+              "answer scored, answer tokens averaged) under the untouched SmolLM2 (docs/eval_definitions.md, fluency); "
+              "— = not measured (evaluated before these columns existed)."]
     if rep["untouched"]:
         lines += ["", "Untouched SmolLM2 (real knowledge unlearning must keep): " + ", ".join(
             f"{k} {v:.3f}" for k, v in rep["untouched"]["mu_parts"].items() if k.startswith(("Real", "Retain")))]
@@ -383,6 +396,9 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
             lines.append(f"\nours / PyTorch epoch time: {sp['ours_over_torch_time']:.2f} (goal ≤ 0.7)")
         if "alter_over_lora_time" in sp:
             lines.append(f"\nALTER / our LoRA-GD epoch time: {sp['alter_over_lora_time']:.2f} (goal ≤ 1.25)")
+    from alter_jax.study.fluency import examples_markdown
+
+    lines += [""] + examples_markdown({**rep["methods"], **rep["variants"]}, mu_key="mu_over_full")
     lines += ["", "![forget quality vs model utility](fq_vs_mu.png)", ""]
     notes = out / "notes.md"  # hand-written reading of the results, kept across report rewrites
     if notes.is_file():
@@ -450,8 +466,18 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-smollm2", log: Ca
     if not (data_dir / "counts.json").is_file():
         counts = build_data(cfg, data_dir)
         _write_json(data_dir / "counts.json", counts)
+    from alter_jax.study.fluency import copy_idk_answers
+
+    copy_idk_answers(cfg.tofu_dir, data_dir)  # IdkNLL / IdkDPO (--methods) read it from the subset
     log(f"data {_read_json(data_dir / 'counts.json')}")
     report = lambda: write_report(cfg, work, command)  # noqa: E731
+
+    backbone: list = []  # the untouched SmolLM2's LogitsFn: scores every model's greedy answers (generated_ppl)
+
+    def ppl_fn():
+        if not backbone:
+            backbone.append(model_fns(load_pretrained(resolve_run_model(cfg.model, progress=False)))[0])
+        return backbone[0]
 
     def eval_stage(name: str, load) -> None:
         out = work / "eval" / name
@@ -459,7 +485,8 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-smollm2", log: Ca
             return
         log(f"eval {name}")
         lf, gf, tok = load()
-        s = evaluate_model(cfg, lf, gf, tok, data_dir, out)
+        s = evaluate_model(cfg, lf, gf, tok, data_dir, out, ppl_logits_fn=ppl_fn(),
+                           ppl_reference=f"untouched {cfg.model}")
         log(f"eval {name}: MU {s['model_utility']:.3f} forget ROUGE {s['forget']['Forget ROUGE']:.3f} "
             f"({s['eval_wall_s']:.0f} s)")
         report()

@@ -38,7 +38,7 @@ from alter_jax.data.batching import (batch_indices, bucket_batch, bucket_width, 
                                      row_lengths)
 from alter_jax.entropy import fit_threshold
 from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
-from alter_jax.train.methods import MethodSpec, backbone_filter, get_method
+from alter_jax.train.methods import IDK_LOSSES, MethodSpec, backbone_filter, get_method, uses_idk
 from alter_jax.train.optim import group_learning_rates, make_optimizer
 from alter_jax.train.prepare import answer_token_values, backbone_statistics, encode, subdomain_experts
 from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model, term_counts
@@ -176,22 +176,40 @@ def answer_probability(logits_fn, arrays, batch_size: int = 8, length_bucket: in
     return np.concatenate(out)
 
 
+NUM_EXAMPLES = 3  # greedy answers kept per side in report.json (question, answer, generated)
+
+
 def quick_eval(logits_fn, generate_fn, tokenizer, rows, arrays, fmt: str, ev: C.EvalConfig,
-               length_bucket: int = 32) -> dict[str, float]:
-    """Answer probability and ROUGE-L recall of greedy answers on a set of rows."""
-    from alter_jax.eval.tofu import generate_answers, rouge_recall
+               length_bucket: int = 32, ppl_logits_fn=None) -> dict[str, Any]:
+    """Answer probability and ROUGE-L recall of greedy answers on a set of rows, and their fluency
+    (``eval.tofu.generation_fluency``: ``degenerate_rate``, ``rep_4``, ``distinct_1/2`` and, with
+    ``ppl_logits_fn`` = the untouched backbone, ``generated_ppl``), with the first
+    :data:`NUM_EXAMPLES` answers as ``examples``."""
+    from alter_jax.eval.tofu import fluency_summary, generate_answers, generation_fluency, rouge_recall
 
     n = ev.num_questions or len(rows)
     rows, arrays = rows[:n], {k: v[:n] for k, v in arrays.items()}
     prob = answer_probability(logits_fn, arrays, ev.batch_size, length_bucket)
     if "question" not in rows[0]:  # text corpora: token probability only (MCQ / MUSE: bin/evaluate)
         return {"answer_prob": float(np.mean(prob)), "rouge_l_recall": float("nan"), "n": n, "example_answer": ""}
-    _, gens = generate_answers(generate_fn, tokenizer, [r["question"] for r in rows], fmt, batch_size=ev.batch_size,
-                               max_new_tokens=ev.max_new_tokens)
+    _, gens, p_ids, g_ids = generate_answers(generate_fn, tokenizer, [r["question"] for r in rows], fmt,
+                                             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                                             return_ids=True)
     rouge = rouge_recall(gens, [r["answer"] for r in rows])
     rouge = rouge[0] if isinstance(rouge, tuple) else rouge
+    flu = fluency_summary(generation_fluency(gens, p_ids, g_ids, ppl_logits_fn, tokenizer, ev.batch_size))
     return {"answer_prob": float(np.mean(prob)), "rouge_l_recall": float(np.mean(rouge)), "n": n,
-            "example_answer": gens[0] if gens else ""}
+            "example_answer": gens[0] if gens else "", **flu,
+            "examples": [{"question": r["question"], "answer": r["answer"], "generated": g}
+                         for r, g in zip(rows[:NUM_EXAMPLES], gens)]}
+
+
+def _idk_prob(logits_fn, arrays, run: C.RunConfig) -> float:
+    """Mean answer probability of the forget questions' "I don't know" answers (first
+    ``eval.num_questions`` rows, as :func:`quick_eval`)."""
+    n = run.eval.num_questions or len(arrays["idk"]["input_ids"])
+    sub = {k: v[:n] for k, v in arrays["idk"].items()}
+    return float(np.mean(answer_probability(logits_fn, sub, run.eval.batch_size, run.model.length_bucket)))
 
 
 def model_eval_fns(model, method: MethodSpec, entropy: C.EntropyConfig, threshold: float):
@@ -231,7 +249,8 @@ def plan(run: C.RunConfig, device_bytes: int | None = None) -> dict[str, Any]:
            "trainable": {g: count_params(s) for g, s in trainable.items()}}
     from alter_jax.plan import plan_memory
 
-    mem = plan_memory(mcfg, acfg, method, run.train.batch_size * 2, run.model.max_length, run.mesh,
+    sides = 3 if method.forget_loss == "idk_dpo" else 2  # IdkDPO's forward holds forget, retain and idk rows
+    mem = plan_memory(mcfg, acfg, method, run.train.batch_size * sides, run.model.max_length, run.mesh,
                       device_bytes=device_bytes, remat=run.model.remat, head_chunk=run.model.head_chunk,
                       scan_layers=run.model.scan_layers)
     out["memory"] = mem.to_dict()
@@ -359,16 +378,23 @@ def config_diff(old: dict, new: dict, limit: int = 6) -> str:
     a, b = flat(old), flat(new)
     skip = {"train.checkpoint_every", "train.log_every"}
     keys = [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)
-            and not (k == "data.allow_truncation" and not a.get(k) and not b.get(k))]
+            and not any(k == f"{sec}.{key}" and a.get(k, dft) == dft and b.get(k, dft) == dft
+                        for (sec, key), dft in LATE_DEFAULTS.items())]
     fmt = lambda v: "unset" if v is None else repr(v)  # noqa: E731
     parts = [f"{k} ({fmt(a.get(k))} there, {fmt(b.get(k))} now)" for k in keys[:limit]]
     return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+# keys added after run folders existed: at their default they stay out of the hash (older folders still resume)
+LATE_DEFAULTS = {("data", "allow_truncation"): False, ("loss", "dpo_beta"): 0.1, ("loss", "forget_target"): "ihl",
+                 ("loss", "forget_high_nll"): 0.0, ("loss", "ihl_margin"): 1.0}
+
+
 def _config_hash(run: C.RunConfig) -> str:
     d = C.to_dict(run)
-    if not d["data"]["allow_truncation"]:  # added later: the default keeps older run folders' hash
-        del d["data"]["allow_truncation"]
+    for (section, key), default in LATE_DEFAULTS.items():
+        if d[section].get(key, default) == default:
+            d[section].pop(key, None)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "log_every")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -520,8 +546,19 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     else:
         arrays = {s: encode(tok, rows[s], run.model.prompt_format, run.model.max_length) for s in SIDES}
         truncated = check_truncation(run, rows, arrays, tok.eos_token_id, log)
+    idk_info = None
+    if uses_idk(method, run.loss):  # IdkNLL / IdkDPO / ALTER forget_target="idk": forget questions, refusal answers
+        from alter_jax.data.tofu import load_idk, pair_idk
+
+        if run.data.kind != "qa":
+            raise C.ConfigValueError(f"method {method.name} (loss.forget_target={run.loss.forget_target!r}) needs "
+                                     "question/answer rows; data.kind='text' has no questions to answer 'I don't know'")
+        source = resolve_data_source(run.data, out)
+        rows["idk"] = pair_idk(rows["forget"], load_idk(source), run.train.seed)
+        arrays["idk"] = encode(tok, rows["idk"], run.model.prompt_format, run.model.max_length)
+        idk_info = {"file": str(Path(source) / "idontknow.jsonl"), "answers": len({r["answer"] for r in rows["idk"]})}
     embeddings = {}
-    for s in SIDES:  # entropy behind every token, NPO's reference log-probability, answer embeddings
+    for s in arrays:  # entropy behind every token, NPO's / DPO's reference log-probability, answer embeddings
         stats = backbone_statistics(model, arrays[s], run.entropy.q, length_bucket=run.model.length_bucket)
         arrays[s]["entropy"], arrays[s]["ref_logp"], embeddings[s] = stats["entropy"], stats["ref_logp"], stats["embedding"]
     all_ent = np.concatenate([answer_token_values(arrays[s]) for s in SIDES])
@@ -536,16 +573,30 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
         experts, n_sub, sub_info = np.zeros(len(rows["forget"]), np.int32), 0, {"source": "none"}
     arrays["forget"]["expert"] = experts
     arrays["retain"]["expert"] = np.zeros(len(rows["retain"]), np.int32)
+    if "idk" in arrays:
+        arrays["idk"]["expert"] = experts  # the same questions: the same sub-domain
     data_info = {"forget": len(rows["forget"]), "retain": len(rows["retain"]), "threshold": float(threshold),
                  "high_entropy_fraction": float(np.mean(all_ent > threshold)), "subdomains": sub_info,
                  "num_forget_experts": n_sub, "truncated_rows": truncated}
+    if idk_info is not None:
+        data_info["idk"] = idk_info
+    # training sides: ALTER with forget_target="idk" trains its forget experts on the idk rows (in place of the
+    # true answers); IdkNLL / IdkDPO get them as a third, row-aligned side
+    train_forget = arrays["idk"] if method.asymmetric and "idk" in arrays else arrays["forget"]
+    aligned = {"idk": arrays["idk"]} if method.forget_loss in IDK_LOSSES else None
+
+    def train_batches(epoch: int):
+        return forget_retain_batches(train_forget, arrays["retain"], run.train.batch_size, seed=run.train.seed,
+                                     epoch=epoch, aligned=aligned)
     write_json_atomic(out / "data_info.json", data_info)
 
     # -- before
     eval_rows = {s: rows[s] for s in SIDES}
     lf, gf = model_eval_fns(model, get_method("ga"), run.entropy, threshold)  # plain backbone
     before = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
-                            run.model.length_bucket) for s in SIDES}
+                            run.model.length_bucket, ppl_logits_fn=lf) for s in SIDES}
+    if "idk" in arrays:  # how likely the "I don't know" answers are (what IdkNLL / IdkDPO / ALTER-idk raise)
+        before["forget"]["idk_prob"] = _idk_prob(lf, arrays, run)
     log(_table({"before": before}))
 
     # -- adapters
@@ -602,8 +653,7 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
 
     initialize_distributed()
     mesh = make_mesh(run.mesh)
-    example = next(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size, seed=run.train.seed))
-    example = bucket_batch(fill_batch(example, run.train.batch_size), run.model.length_bucket)
+    example = bucket_batch(fill_batch(next(train_batches(0)), run.train.batch_size), run.model.length_bucket)
     if run.optim.grad_accum > 1:  # the batch pytree then carries the accumulation weights
         example = {**example, "weights": {t: np.float32(1.0) for t in term_counts(_device_batch(example),
                                                                                   _settings(method, run, threshold))}}
@@ -616,8 +666,7 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
 
     def schedule():  # every micro-batch of phase II in order: ((epoch, index), bucketed batch)
         for epoch in range(run.train.epochs):
-            for b_idx, batch in enumerate(forget_retain_batches(arrays["forget"], arrays["retain"], run.train.batch_size,
-                                                                seed=run.train.seed, epoch=epoch)):
+            for b_idx, batch in enumerate(train_batches(epoch)):
                 yield (epoch, b_idx), bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
 
     counts_fn = jax.jit(functools.partial(term_counts, settings=_settings(method, run, threshold)))
@@ -654,8 +703,20 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     model = _rebuild(graphdef, state.trainable, frozen_parts)
     result_dir = _export(model, method, run, out, tok, threshold, data_info)
     lf, gf = model_eval_fns(model, method, run.entropy, threshold)
+    ppl_fn = None
+    if run.data.kind == "qa":  # generated answers are scored by the untouched backbone
+        from alter_jax.generate import model_fns
+
+        if method.adapter:  # the frozen backbone itself, adapters detached (no second copy of the weights)
+            from alter_jax.gated import _backbone
+
+            ppl_fn = model_fns(_backbone(*nnx.split(model)))[0]
+        else:  # full-parameter methods changed the weights: the model before unlearning, loaded again
+            ppl_fn = model_fns(load_model_and_tokenizer(run.model, progress=False)[0])[0]
     after = {s: quick_eval(lf, gf, tok, eval_rows[s], arrays[s], run.model.prompt_format, run.eval,
-                           run.model.length_bucket) for s in SIDES}
+                           run.model.length_bucket, ppl_logits_fn=ppl_fn) for s in SIDES}
+    if "idk" in arrays:
+        after["forget"]["idk_prob"] = _idk_prob(lf, arrays, run)
     warnings = collapse_warnings(before, after, run, lrs)
     for w in warnings:
         log(f"warning: {w}")
@@ -749,10 +810,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _table(res: dict[str, dict[str, dict]]) -> str:
-    lines = [f"{'':8s} {'forget prob':>12s} {'forget ROUGE':>13s} {'retain prob':>12s} {'retain ROUGE':>13s}"]
+    def dg(side):
+        v = side.get("degenerate_rate")
+        return f"{v:9.3f}" if v is not None else f"{'-':>9s}"
+
+    lines = [f"{'':8s} {'forget prob':>12s} {'forget ROUGE':>13s} {'forget deg':>10s} {'retain prob':>12s} "
+             f"{'retain ROUGE':>13s} {'retain deg':>10s}"]
     for name, r in res.items():
         lines.append(f"{name:8s} {r['forget']['answer_prob']:12.4f} {r['forget']['rouge_l_recall']:13.4f} "
-                     f"{r['retain']['answer_prob']:12.4f} {r['retain']['rouge_l_recall']:13.4f}")
+                     f"{dg(r['forget'])} {r['retain']['answer_prob']:12.4f} {r['retain']['rouge_l_recall']:13.4f} "
+                     f"{dg(r['retain'])}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ class MethodSpec:
     asymmetric: bool = False  # ALTER/AsymLoRA: per-sub-domain forget experts + retain expert
     entropy: bool = False  # token entropy partitions answer tokens (ALTER)
     router: bool = False
-    forget_loss: str = "ga"  # ga | npo | simnpo | ihl | rmu
+    forget_loss: str = "ga"  # ga | npo | simnpo | ihl | rmu | idk_nll | idk_dpo
     retain_loss: str | None = None  # nll | kl | None
     trainable: tuple[str, ...] = ()
     phase1: bool = False
@@ -56,11 +56,27 @@ METHODS: dict[str, MethodSpec] = {
                    retain_loss="kl", trainable=("backbone",)),
         MethodSpec("simnpo", "full-parameter SimNPO + NLL on retain", adapter=False, forget_loss="simnpo",
                    retain_loss="nll", trainable=("backbone",)),
+        MethodSpec("idk_nll", "full-parameter IdkNLL: NLL of an 'I don't know' answer on each forget question + NLL "
+                   "on retain (TOFU's IDK baseline, open-unlearning's IdkNLL)", adapter=False, forget_loss="idk_nll",
+                   retain_loss="nll", trainable=("backbone",)),
+        MethodSpec("idk_dpo", "full-parameter IdkDPO: DPO preferring an 'I don't know' answer over the true forget "
+                   "answer (reference = the model before unlearning) + NLL on retain (open-unlearning's DPO on "
+                   "TOFU_QA_forget_idk)", adapter=False, forget_loss="idk_dpo", retain_loss="nll",
+                   trainable=("backbone",)),
         MethodSpec("rmu", "RMU: steer one layer's activations on forget tokens to a random direction, keep them "
                    "on retain tokens; only a few MLP weights train (Li et al. 2024)", adapter=False,
                    forget_loss="rmu", retain_loss="rmu", trainable=("backbone",)),
     ]
 }
+
+
+IDK_LOSSES = ("idk_nll", "idk_dpo")
+
+
+def uses_idk(method: MethodSpec, loss) -> bool:
+    """Whether a run needs "I don't know" answers (``idontknow.jsonl``): IdkNLL / IdkDPO, and ALTER /
+    AsymLoRA with ``loss.forget_target = "idk"``."""
+    return method.forget_loss in IDK_LOSSES or (method.asymmetric and getattr(loss, "forget_target", "ihl") == "idk")
 
 
 def get_method(name: str) -> MethodSpec:

@@ -272,12 +272,24 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
     """β·IHL(forget, low) + γ·retain + μ·route (owners: forget experts, retain expert, router).
 
     ``stats``: the per-token statistics at the scored positions (:func:`token_statistics`);
-    ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8), ``L_retain`` = mean NLL (or KL) over retain
-    answer tokens. ``weights``: the accumulation weight per term (module doc; the metrics stay
-    unweighted)."""
+    ``L_forget = mean_{low ∩ forget} IHL_t`` (Eq. 8) [+ ``loss.forget_high_nll`` · mean NLL over
+    ``high ∩ forget`` when that weight is > 0; with ``loss.ihl_margin = m < 1`` the hinge
+    ``max(0, IHL_t − 1 + m)``: both beyond the spec], or with ``loss.forget_target = "idk"`` the
+    mean NLL over every answer token of the forget rows, whose answers are then "I don't know"
+    answers (the loop swaps them in); ``L_retain`` = mean NLL (or KL) over retain answer tokens.
+    ``weights``: the accumulation weight per term (module doc; the metrics stay unweighted)."""
     lc = settings.loss
     f = ts.is_forget.astype(jnp.float32)[:, None]
-    forget = L.masked_mean(stats["ihl"], ts.low * f)
+    if lc.forget_target == "idk":  # beyond the paper: the forget rows carry an "I don't know" answer, learnt
+        forget = L.nll_from_log_likelihood(stats["logp"], ts.answer * f)  # by the forget expert on every token
+    else:
+        ihl = stats["ihl"]
+        if lc.ihl_margin < 1.0:  # beyond the spec: hinge with margin m (IHL_t − 1 + m, floored at 0)
+            ihl = jnp.maximum(ihl - (1.0 - lc.ihl_margin), 0.0)
+        forget = L.masked_mean(ihl, ts.low * f)
+    extra = {}
+    if lc.forget_high_nll > 0:  # beyond the spec: keep the structure words on the forget expert's high tokens
+        extra["forget_high_nll"] = L.nll_from_log_likelihood(stats["logp"], ts.high * f)
     retain_kind = lc.retain_loss or settings.method.retain_loss
     if retain_kind == "kl":
         retain = L.masked_mean(stats["kl"], ts.answer * (1 - f))
@@ -289,9 +301,12 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
         tgt = jnp.broadcast_to(expert[:, None], ts.real.shape)
         route = sum(L.router_cross_entropy(r, tgt, ts.real) for r in router_logits) / len(router_logits)
     w = weights or {}
-    total = (lc.beta * w.get("forget", 1.0) * forget + lc.gamma * w.get("retain", 1.0) * retain
-             + lc.mu_route * w.get("route", 1.0) * route)
-    return total, {"forget_ihl": forget, "retain": retain, "route": route}
+    total = lc.beta * w.get("forget", 1.0) * forget + lc.gamma * w.get("retain", 1.0) * retain \
+        + lc.mu_route * w.get("route", 1.0) * route
+    if extra:
+        total = total + lc.beta * w.get("forget_high", 1.0) * lc.forget_high_nll * extra["forget_high_nll"]
+    name = "forget_idk_nll" if lc.forget_target == "idk" else "forget_ihl"
+    return total, {name: forget, "retain": retain, "route": route, **extra}
 
 
 def alter_a_terms(stats, ts: TokenSets, settings: StepSettings, weights=None):
@@ -359,10 +374,11 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
             w_a = term_weight(batch, "a")  # the squared norm of a mean: weighted as its tokens, not exact
             grads["shared_a"] = jax.tree_util.tree_map(lambda g, p: g + w_a * p, grads["shared_a"], g_pen)
             la, ma = la + pen, {**ma, "struct": pen / max(settings.loss.lambda_struct, 1e-12)}
-    lc = settings.loss
-    loss = lc.beta * mb["forget_ihl"] + lc.gamma * mb["retain"] + lc.mu_route * mb["route"]  # unweighted
-    if "shared_a" in trainable:
-        loss = loss + ma["nll_high"] + lc.lambda_struct * ma["struct"]
+    loss = lb + la
+    if weights is not None:  # the metrics' loss is unweighted (the same terms again: XLA shares them)
+        loss = alter_b_terms(stats, router_logits, ts, expert, settings)[0]
+        if "shared_a" in trainable:
+            loss = loss + ma["nll_high"] + settings.loss.lambda_struct * ma["struct"]
     metrics = {"loss": loss, **mb, **ma, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
     return loss, metrics, grads
 
@@ -391,7 +407,8 @@ def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepS
     _, ma = alter_a_terms(stats_a, ts, settings)
     lc = settings.loss
     parts = {
-        "forget": lc.beta * mb["forget_ihl"],
+        "forget": lc.beta * (mb["forget_idk_nll" if lc.forget_target == "idk" else "forget_ihl"]
+                             + lc.forget_high_nll * mb.get("forget_high_nll", 0.0)),
         "retain": lc.gamma * mb["retain"],
         "route": lc.mu_route * mb["route"],
         "a": ma["nll_high"] + lc.lambda_struct * ma["struct"],
@@ -439,6 +456,52 @@ def generic_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings
     total = lc.beta * forget + (lc.gamma * retain if retain_kind else 0.0)
     weighted = lc.beta * term_weight(batch, "forget") * forget + (
         lc.gamma * term_weight(batch, "retain") * retain if retain_kind else 0.0)
+    return weighted, {"loss": total, "forget": forget, "retain": retain}
+
+
+def idk_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
+    """IdkNLL / IdkDPO (full-parameter or LoRA, E = 1). ``batch["idk"]``: the forget questions with an
+    "I don't know" answer, row-aligned with ``batch["forget"]`` (same questions, true answers).
+
+    * IdkNLL: ``β·NLL(idk answers) + γ·L_retain``; the true forget answers are not used (not run).
+    * IdkDPO: ``β·DPO(y_w = idk, y_l = true answer) + γ·L_retain``
+      (:func:`alter_jax.losses.dpo_loss_from_log_likelihood`, β_DPO = ``loss.dpo_beta``); the
+      reference log-probabilities of both answers come from the pre-pass (``ref_logp``: the frozen
+      backbone, which is the model before unlearning).
+
+    ``L_retain`` = NLL (or KL with ``loss.retain_loss="kl"``) over retain answer tokens. One
+    forward over the concatenated rows ``[forget (DPO only); retain; idk]``."""
+    spec, lc = settings.method, settings.loss
+    dpo = spec.forget_loss == "idk_dpo"
+    sides = ("forget", "retain", "idk") if dpo else ("retain", "idk")
+    n = {s: batch[s]["input_ids"].shape[0] for s in sides}
+    cat = lambda key: jnp.concatenate([batch[s][key] for s in sides], axis=0)  # noqa: E731
+    ids, mask, labels = cat("input_ids"), cat("attention_mask"), cat("labels")
+    if "score_pos" in batch["idk"]:
+        pos = cat("score_pos")
+    else:
+        pos = jnp.broadcast_to(jnp.arange(ids.shape[1] - 1, dtype=jnp.int32), (ids.shape[0], ids.shape[1] - 1))
+    ts = token_sets(labels, None, 0, settings, mask, pos)
+    start, rows = 0, {}
+    for s in sides:
+        rows[s] = jnp.zeros((ids.shape[0],), jnp.float32).at[start:start + n[s]].set(1.0)[:, None]
+        start += n[s]
+    retain_kind = lc.retain_loss or spec.retain_loss
+    ref = reference_head(frozen, trainable, ids, mask, ts.pos) if retain_kind == "kl" else None
+    scoring = Scoring(("logp",) + (("kl",) if retain_kind == "kl" else ()), chunk=settings.head_chunk)
+    stats, _ = forward(frozen.graphdef, trainable, frozen.parts, ids, mask, ts=ts, scoring=scoring, ref=ref)
+    lp = stats["logp"]
+    if dpo:
+        b_f, b_i = slice(0, n["forget"]), slice(n["forget"] + n["retain"], None)
+        m = ts.answer
+        forget = L.dpo_loss_from_log_likelihood(lp[b_i], m[b_i], batch["idk"]["ref_logp"],
+                                                lp[b_f], m[b_f], batch["forget"]["ref_logp"], beta=lc.dpo_beta)
+    else:
+        forget = L.nll_from_log_likelihood(lp, ts.answer * rows["idk"])
+    mr = ts.answer * rows["retain"]
+    retain = L.masked_mean(stats["kl"], mr) if retain_kind == "kl" else L.nll_from_log_likelihood(lp, mr)
+    total = lc.beta * forget + lc.gamma * retain
+    weighted = lc.beta * term_weight(batch, "forget") * forget + lc.gamma * term_weight(batch, "retain") * retain
     return weighted, {"loss": total, "forget": forget, "retain": retain}
 
 
@@ -496,7 +559,8 @@ def loss_and_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettin
     elif settings.method.asymmetric:
         return alter_grads(trainable, frozen, batch, settings)
     else:
-        fn = rmu_loss if settings.method.forget_loss == "rmu" else generic_loss
+        fl = settings.method.forget_loss
+        fn = rmu_loss if fl == "rmu" else idk_loss if fl in ("idk_nll", "idk_dpo") else generic_loss
     (_, metrics), grads = jax.value_and_grad(fn, has_aux=True)(trainable, frozen, batch, settings)
     return metrics["loss"], metrics, grads
 
@@ -516,7 +580,11 @@ def term_counts(batch: Batch, settings: StepSettings) -> dict[str, jax.Array]:
     if settings.phase == "phase1":
         return {"a": tokens(ts.high)}
     if spec.asymmetric:  # the terms of the groups this method trains
-        counts = {"forget": tokens(ts.low * f), "retain": tokens(ts.answer * (1 - f))}
+        lc = settings.loss
+        counts = {"forget": tokens((ts.answer if lc.forget_target == "idk" else ts.low) * f),
+                  "retain": tokens(ts.answer * (1 - f))}
+        if lc.forget_high_nll > 0:
+            counts["forget_high"] = tokens(ts.high * f)
         if "router" in spec.trainable:
             counts["route"] = tokens(ts.real)
         if "shared_a" in spec.trainable:
@@ -525,6 +593,16 @@ def term_counts(batch: Batch, settings: StepSettings) -> dict[str, jax.Array]:
     if spec.forget_loss == "rmu":
         scored = (labels != L.IGNORE_INDEX).astype(jnp.float32)
         return {"forget": examples(scored * f), "retain": examples(scored * (1 - f))}
+    if spec.forget_loss in ("idk_nll", "idk_dpo"):  # the forget term reads the idk answers (row-aligned)
+        idk = batch["idk"]
+        pos = idk["score_pos"] if "score_pos" in idk else None
+        idk_answer = token_sets(idk["labels"], None, 0, settings, idk["attention_mask"], pos).answer
+        if spec.forget_loss == "idk_nll":
+            forget = tokens(idk_answer)
+        else:  # DPO's per-example mean over rows where both answers have tokens
+            true = jnp.sum(ts.answer[:n_forget], axis=-1)
+            forget = jnp.sum(((jnp.sum(idk_answer, axis=-1) > 0) & (true > 0)).astype(jnp.float32))
+        return {"forget": forget, "retain": tokens(ts.answer * (1 - f))}
     forget = examples if spec.forget_loss in ("npo", "simnpo") else tokens
     return {"forget": forget(ts.answer * f), "retain": tokens(ts.answer * (1 - f))}
 

@@ -54,3 +54,7 @@ def test_tofu_on_an_alter_run_and_its_base_model(tmp_path):
     assert run["mia_loss_auc"] < base["mia_loss_auc"]
     for m in (base, run):
         assert 0.0 <= m["mia_gradnorm_auc"] <= 1.0 and m["mia_zlib_auc"] is None
+        # issue 19: fluency per split; generated answers scored by the untouched backbone
+        assert 0.0 <= m["forget"]["degenerate_rate"] <= 1.0 and m["retain"]["generated_ppl"] >= 1.0
+    assert "the run's base model" in run["config"]["fluency_reference"]
+    assert "the evaluated model itself" in base["config"]["fluency_reference"]

@@ -167,7 +167,10 @@ def test_cli_json_object_and_tofu_eval_as_retain_logs(tmp_path):
     m = json.loads(res_file.read_text())
     for split in (*SPLITS, "forget_paraphrased_question", "retain_paraphrased_question"):
         assert set(m[split]) == set(PER_SPLIT_METRICS), split
-        assert all(isinstance(m[split][k], float) for k in PER_SPLIT_METRICS), (split, m[split])
+        # generated_ppl is None only when every greedy answer is empty (a random model may stop at once)
+        ppl_keys = ("generated_ppl", "generated_ppl_median")
+        assert all(isinstance(m[split][k], float) for k in PER_SPLIT_METRICS if k not in ppl_keys), (split, m[split])
+        assert all(isinstance(m[split][k], float) or m[split]["degenerate_rate"] == 1.0 for k in ppl_keys), m[split]
     for key in ATTACK_KEYS:
         assert 0.0 <= m[key] <= 1.0, key
     assert m["holdout"].startswith("holdout10") and m["forget_quality"] is None and m["aggregate"] is None
