@@ -141,3 +141,13 @@ def test_quick_study_end_to_end(tofu_dir, tmp_path):
     t = (tmp_path / "w" / "eval" / "full" / "summary.json").stat().st_mtime
     S.run_study(cfg, log=lambda *_: None)
     assert (tmp_path / "w" / "eval" / "full" / "summary.json").stat().st_mtime == t
+
+
+def test_model_utility_that_one_zero_part_forces_is_named_not_printed_as_zero():
+    """issue 14: at --quick scale a harmonic mean with one zero part read 'MU 0.000' for every model."""
+    from alter_jax.study.tofu_smollm2 import mu_text
+
+    assert mu_text(0.0, {"Retain ROUGE": 0.5, "World Facts ROUGE": 0.0}) == "n/a (World Facts ROUGE = 0)"
+    assert mu_text(0.0, {"a": 0.0, "b": 0.0}) == "n/a (a = 0 and more)"
+    assert mu_text(0.4567, {"a": 0.3}) == "0.457"
+    assert mu_text(None, None) == "—"

@@ -342,6 +342,16 @@ def _fmt(v, p=3):
     return f"{v:.{p}f}" if isinstance(v, float) else str(v)
 
 
+def mu_text(mu: float | None, parts: dict[str, float] | None) -> str:
+    """Model Utility for a table or log line. A harmonic mean is 0 as soon as one part is 0, which at
+    ``--quick`` scale (2 rows, 8 new tokens) says nothing about the model: then the text names the
+    part (issue 14) instead of printing a bare 0.000."""
+    zero = sorted(k for k, v in (parts or {}).items() if v == 0)
+    if mu == 0 and zero:
+        return f"n/a ({zero[0]} = 0{' and more' if len(zero) > 1 else ''})"
+    return _fmt(mu)
+
+
 def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
     """Write report.json, report.md and fq_vs_mu.png into ``cfg.out_dir``."""
     rep = collect(cfg, work)
@@ -362,7 +372,8 @@ def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
             continue
         flu = " | ".join(_fmt(e.get(k)) for k in ("forget_degenerate", "forget_gen_ppl", "retain_degenerate",
                                                    "retain_gen_ppl"))
-        lines.append(f"| {name} | {_fmt(e['forget_quality'])} | {_fmt(e['model_utility'])} | {_fmt(e['mu_over_full'])} | "
+        lines.append(f"| {name} | {_fmt(e['forget_quality'])} | {mu_text(e['model_utility'], e.get('mu_parts'))} | "
+                     f"{_fmt(e['mu_over_full'])} | "
                      f"{flu} | "
                      f"{_fmt(e['forget_rouge'])} | {_fmt(e['paraphrase_rouge'])} | {_fmt(e['forget_prob'])} | "
                      f"{_fmt(e['wall_s'], 0)} | {_fmt(e['eval_wall_s'], 0)} |")
@@ -487,7 +498,7 @@ def run_study(cfg: StudyConfig, command: str = "bin/study tofu-smollm2", log: Ca
         lf, gf, tok = load()
         s = evaluate_model(cfg, lf, gf, tok, data_dir, out, ppl_logits_fn=ppl_fn(),
                            ppl_reference=f"untouched {cfg.model}")
-        log(f"eval {name}: MU {s['model_utility']:.3f} forget ROUGE {s['forget']['Forget ROUGE']:.3f} "
+        log(f"eval {name}: MU {mu_text(s['model_utility'], s.get('parts'))} forget ROUGE {s['forget']['Forget ROUGE']:.3f} "
             f"({s['eval_wall_s']:.0f} s)")
         report()
 
