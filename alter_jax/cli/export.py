@@ -355,9 +355,11 @@ def model_card(run, method, summary: dict, report: dict | None, extra: dict) -> 
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("{Path(summary["out"]).name}", trust_remote_code=True)',
-        f'tok = AutoTokenizer.from_pretrained("{Path(summary["out"]).name}")',
+        f'tok = AutoTokenizer.from_pretrained("{Path(summary["out"]).name}", trust_remote_code=True)',
+        'print(tok.decode(model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)[0]))',
         "```", "",
-        "`trust_remote_code=True` is required: `modeling_alter.py` (torch + transformers only) runs the gated forward. "
+        "`trust_remote_code=True` is required: `modeling_alter.py` (torch + transformers only) runs the gated forward "
+        "(the tokenizer needs it too, only to read `config.json`; `pipeline(..., trust_remote_code=True)` works). "
         "**Do not load the weights as a plain Llama / Mistral**: the backbone alone is the base model, which has NOT "
         "forgotten anything (`model_type` is `alter_*` so that this fails loudly).", "",
         "## How the gate works", "",

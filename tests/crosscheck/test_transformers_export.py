@@ -171,7 +171,7 @@ def test_demo_run_probabilities_through_transformers(demo_export):
     hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32).eval()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     arrays = export_cli.eval_arrays(run, run_dir, tok)
 
     def logits_fn(ids, mask):
