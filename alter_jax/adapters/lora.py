@@ -122,9 +122,9 @@ def gate_weights(router_logits: jax.Array, high: jax.Array, cfg: AdapterConfig) 
     e = router_logits.shape[-1]
     z = router_logits.astype(jnp.float32)
     g_high = jax.nn.softmax(z / cfg.tau_high, axis=-1)
-    k = min(cfg.top_k, e)
-    top = jax.nn.one_hot(jax.lax.top_k(g_high, k)[1], e, dtype=jnp.float32).sum(-2)  # exactly k experts
-    g_high = g_high * top
+    if cfg.top_k < e:  # k >= E keeps every expert: the top-k mask would be all ones (skipped, same bits)
+        top = jax.nn.one_hot(jax.lax.top_k(g_high, cfg.top_k)[1], e, dtype=jnp.float32).sum(-2)  # exactly k experts
+        g_high = g_high * top
     g_high = g_high / jnp.sum(g_high, axis=-1, keepdims=True)
     g_low = jax.nn.one_hot(jnp.argmax(z / cfg.tau_low, axis=-1), e, dtype=jnp.float32)
     return jnp.where(high[..., None], g_high, g_low)
