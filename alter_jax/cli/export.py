@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="merged / transformers: backbone weight dtype of the saved model (default: the run's "
                    "parameter dtype)")
+    p.add_argument("--prompt-entropy", default="base", choices=("base", "zero"),
+                   help="transformers: where generate()'s prompt tokens get their entropy: base = one backbone forward "
+                   "(the spec, default), zero = none, S = 0 (faster; WORKSPACE.md decision log)")
     p.add_argument("--no-measure", action="store_true", help="peft / merged of ALTER / AsymLoRA runs: do not measure "
                    "the chosen expert's forget / retain answer probability (the run's gated figures are still printed)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -135,7 +138,7 @@ def check_out(out: Path, folder: Path, what: str, safe: str) -> None:
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, dtype: str | None = None,
-           measure: bool = True) -> dict:
+           measure: bool = True, prompt_entropy: str = "base") -> dict:
     """Write ``fmt`` of the run in ``run_dir`` to ``out``; returns a summary dict.
 
     measure: for a PEFT / merged export of an ALTER / AsymLoRA run, score the chosen expert on
@@ -183,7 +186,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, expert: int = 0, d
     if fmt == "transformers":
         from alter_jax.io.transformers_export import save_transformers_alter
 
-        gate = gate_settings(run, extra)
+        gate = dict(gate_settings(run, extra), prompt_entropy=prompt_entropy)
         summary.update(gate)
         save_transformers_alter(model, out, **gate, tokenizer=tok, dtype=dtype,
                                 readme=model_card(run, method, summary, report, extra))
@@ -372,7 +375,10 @@ def model_card(run, method, summary: dict, report: dict | None, extra: dict) -> 
         f"+{run.adapter.retain_bias} (alter-jax's logit adjustment; 0 = the paper's router).",
         f"Entropy source: `{summary['entropy_source']}` (prompt / scored tokens from one extra forward of the frozen "
         "backbone); each generated token takes the entropy of the gated model's distribution it was drawn from. "
-        "Hence a prompt costs one extra backbone forward. Beam search and assisted decoding are not supported.",
+        ("Hence a prompt costs one extra backbone forward." if summary.get("prompt_entropy", "base") == "base" else
+         "This export was written with `prompt_entropy=zero`: generate() skips that backbone forward and gives every "
+         "prompt token S = 0 (low entropy); scoring a text still uses the backbone's entropies.")
+        + " Beam search and assisted decoding are not supported.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     check_out(out, Path(args.run), "run folder", f"exports/{Path(args.run).expanduser().resolve().name}_{args.format}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CliError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
-    s = export(args.run, args.format, out, expert=args.expert, dtype=args.dtype, measure=not args.no_measure)
+    s = export(args.run, args.format, out, expert=args.expert, dtype=args.dtype, measure=not args.no_measure,
+               prompt_entropy=args.prompt_entropy)
     what = {"alter": "ALTER adapter (all experts, router, entropy settings)",
             "transformers": "gated ALTER model for transformers (trust_remote_code=True)",
             "peft": f"PEFT LoRA of expert {s.get('expert')}",

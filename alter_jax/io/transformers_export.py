@@ -58,7 +58,7 @@ def adapter_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def alter_settings(model: Transformer, *, q: float, threshold: float, entropy_source: str = "base",
-                   self_iters: int | None = 1) -> dict:
+                   self_iters: int | None = 1, prompt_entropy: str = "base") -> dict:
     """The ``config.json`` ``alter`` dict that ``modeling_alter.py`` reads."""
     layers = adapted_layers(model)
     if not layers:
@@ -70,13 +70,15 @@ def alter_settings(model: Transformer, *, q: float, threshold: float, entropy_so
                          "Eq. 9 needs the router.")
     if entropy_source not in ("base", "self"):
         raise ValueError(f"save_transformers_alter: entropy_source must be 'base' or 'self', got {entropy_source!r}")
+    if prompt_entropy not in ("base", "zero"):
+        raise ValueError(f"save_transformers_alter: prompt_entropy must be 'base' or 'zero', got {prompt_entropy!r}")
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "layers": [hf_layer_name(p) for p in sorted(layers, key=_natural)],
         "rank": cfg.rank, "alpha": cfg.alpha, "scale": cfg.scale, "num_forget_experts": cfg.num_forget_experts,
         "use_router": cfg.use_router, "top_k": cfg.top_k, "tau_high": cfg.tau_high, "tau_low": cfg.tau_low,
         "retain_bias": cfg.retain_bias, "q": float(q), "threshold": float(threshold),
-        "entropy_source": entropy_source, "self_iters": self_iters,
+        "entropy_source": entropy_source, "self_iters": self_iters, "prompt_entropy": prompt_entropy,
         "generated_token_entropy": "the gated model's own distribution the token was drawn from (temperature 1)",
         "adapter_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
     }
@@ -90,6 +92,7 @@ def save_transformers_alter(
     threshold: float,
     entropy_source: str = "base",
     self_iters: int | None = 1,
+    prompt_entropy: str = "base",
     tokenizer=None,
     dtype: str | None = None,
     readme: str | None = None,
@@ -97,10 +100,12 @@ def save_transformers_alter(
 ) -> Path:
     """Write the gated model (backbone + ALTER adapter + remote code) to ``out_dir`` atomically.
 
-    q / threshold: the run's Tsallis order and fitted θ (``alter_config.json`` ``extra``).
+    q / threshold: the run's Tsallis order and fitted θ (``alter_config.json`` ``extra``);
+    entropy_source / self_iters / prompt_entropy: as :class:`alter_jax.gated.GateConfig`.
     dtype: backbone weight dtype (default the model's parameter dtype); the adapter stays float32.
     """
-    settings = alter_settings(model, q=q, threshold=threshold, entropy_source=entropy_source, self_iters=self_iters)
+    settings = alter_settings(model, q=q, threshold=threshold, entropy_source=entropy_source, self_iters=self_iters,
+                              prompt_entropy=prompt_entropy)
     tensors = list(adapter_tensors(model))
     bad = nonfinite_tensors(dict(tensors))
     if bad:

@@ -82,6 +82,7 @@ def test_folder_is_a_transformers_model_with_remote_code(exported):
     a = cfg["alter"]
     assert (a["num_forget_experts"], a["top_k"], a["q"], a["threshold"]) == (3, 2, 1.0, exported["theta"])
     assert a["retain_bias"] == 2.0 and a["tau_high"] == 0.8 and a["tau_low"] == 0.01 and a["entropy_source"] == "base"
+    assert a["prompt_entropy"] == "base"
     assert len(a["layers"]) == 14  # 7 projections x 2 layers
     base_cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]
     assert base_cls in [c.__name__ for c in type(hf).__mro__]  # transformers' own model underneath
@@ -143,6 +144,23 @@ def test_greedy_generation_is_token_identical(exported):
         plain = AutoModelForCausalLM.from_pretrained(str(exported["base"])).eval().generate(
             torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=32, do_sample=False, pad_token_id=0)
     assert (plain[:, ids.shape[1]:].numpy() != got).any()  # the gated model is not the backbone
+
+
+def test_prompt_entropy_zero_generation_matches(exported, tmp_path):
+    """The measured departure (GateConfig.prompt_entropy="zero": no backbone prefill) in both implementations."""
+    model, theta = exported["model"], exported["theta"]
+    ids, mask = left_padded_batch([9, 5, 3], 9, seed=1)
+    out = save_transformers_alter(model, tmp_path / "zero", q=1.0, threshold=theta, prompt_entropy="zero")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32).eval()
+    gate = G.GateConfig(q=1.0, threshold=theta, prompt_entropy="zero")
+    ours = np.asarray(G.gated_generate(model, ids, mask, gate, 32).tokens)
+    with torch.no_grad():
+        got = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=32, do_sample=False,
+                          pad_token_id=0)[:, ids.shape[1]:].numpy()
+    np.testing.assert_array_equal(got, ours)
+    base = np.asarray(G.gated_generate(model, ids, mask, G.GateConfig(q=1.0, threshold=theta), 32).tokens)
+    assert (base != ours).any()  # the prompt's entropies change what is generated on this random model
+    np.testing.assert_allclose(hf_logits(hf, ids, mask), hf_logits(exported["hf"], ids, mask), atol=1e-6)  # scoring: spec
 
 
 # ----------------------------------------------------------------------------- the demo run

@@ -25,6 +25,8 @@ real token after left padding:
   off, no gradient) gives every token's entropy (``entropy_source="base"``); with
   ``entropy_source="self"`` a call without a cache then refines it with ``self_iters``
   fixed-point passes of the gated model's own distribution;
+* ``prompt_entropy="zero"`` (an alter-jax option, not the default): generate()'s prompt skips
+  the backbone forward and every prompt token gets ``S = 0`` (low entropy); scoring is unchanged;
 * every generated token: the entropy of the gated model's distribution it was drawn from
   (the previous step's logits, temperature 1, before any sampling filter). It is kept on the
   cache object between decoding steps, so each ``generate()`` call is independent.
@@ -161,6 +163,8 @@ def _settings(config) -> dict:
                          f"modeling_alter.py reads {FORMAT!r} version {FORMAT_VERSION}. Export the run again.")
     if s.get("entropy_source", "base") not in ("base", "self"):
         raise ValueError(f"config.json 'alter.entropy_source' must be 'base' or 'self', got {s.get('entropy_source')!r}")
+    if s.get("prompt_entropy", "base") not in ("base", "zero"):
+        raise ValueError(f"config.json 'alter.prompt_entropy' must be 'base' or 'zero', got {s.get('prompt_entropy')!r}")
     return s
 
 
@@ -213,7 +217,11 @@ class _AlterMixin:
         past = cache.get_seq_length() if cache is not None else 0
         call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, **kwargs)
-        if past == 0:  # a text to score, or the prompt of generate()
+        if past == 0 and cache is not None and self._alter.get("prompt_entropy", "base") == "zero":
+            # the prompt of generate() without a backbone prefill: S = 0 (low entropy) on every prompt token
+            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            entropy = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        elif past == 0:  # a text to score, or the prompt of generate()
             entropy = self._backbone_entropy(input_ids, attention_mask, position_ids, inputs_embeds)
             if self._alter.get("entropy_source", "base") == "self" and cache is None:
                 base, real = entropy, (attention_mask > 0 if attention_mask is not None else torch.ones_like(entropy, dtype=torch.bool))
