@@ -185,10 +185,15 @@ class _AlterMixin:
             new.to(device=old.weight.device, dtype=old.weight.dtype)
             setattr(parent, child, new)
 
-    # the forward's cache argument is ``cache`` in transformers >= 5.x, ``past_key_values`` before
+    # the forward's cache argument is ``cache`` in recent transformers 5.x, ``past_key_values`` before
     @classmethod
     def _cache_kw(cls) -> str:
-        return "cache" if "cache" in inspect.signature(super(_AlterMixin, cls).forward).parameters else "past_key_values"
+        kw = cls.__dict__.get("_alter_cache_kw")
+        if kw is None:
+            params = inspect.signature(super(_AlterMixin, cls).forward).parameters
+            kw = "cache" if "cache" in params else "past_key_values"
+            cls._alter_cache_kw = kw
+        return kw
 
     def _set_gate(self, entropy: torch.Tensor | None, active: bool = True) -> None:
         g = self._alter_gate
