@@ -375,7 +375,7 @@ def model_card(run, method, summary: dict, report: dict | None, extra: dict) -> 
         f"+{run.adapter.retain_bias} (alter-jax's logit adjustment; 0 = the paper's router).",
         f"Entropy source: `{summary['entropy_source']}` (prompt / scored tokens from one extra forward of the frozen "
         "backbone); each generated token takes the entropy of the gated model's distribution it was drawn from. "
-        ("Hence a prompt costs one extra backbone forward." if summary.get("prompt_entropy", "base") == "base" else
+        + ("Hence a prompt costs one extra backbone forward." if summary.get("prompt_entropy", "base") == "base" else
          "This export was written with `prompt_entropy=zero`: generate() skips that backbone forward and gives every "
          "prompt token S = 0 (low entropy); scoring a text still uses the backbone's entropies.")
         + " Beam search and assisted decoding are not supported.",

@@ -207,7 +207,8 @@ def test_demo_run_probabilities_through_transformers(demo_export):
 
 
 def test_demo_export_runs_in_a_pipeline_without_alter_jax(demo_export, tmp_path):
-    """generate() through transformers' pipeline in a fresh process where alter_jax cannot be imported."""
+    """generate() through transformers' pipeline (a prompt, then chat messages through a chat template) in a
+    fresh process where alter_jax cannot be imported."""
     _, out, _ = demo_export
     code = (
         "import sys, builtins\n"
@@ -219,7 +220,21 @@ def test_demo_export_runs_in_a_pipeline_without_alter_jax(demo_export, tmp_path)
         "from transformers import pipeline\n"
         f"pipe = pipeline('text-generation', model={str(out)!r}, trust_remote_code=True)\n"
         "res = pipe('[INST] Where was the author born? [/INST]', max_new_tokens=8, do_sample=False)\n"
-        "print('OK', repr(res[0]['generated_text'][-40:]))\n"
+        "assert isinstance(res[0]['generated_text'], str)\n"
+        "pipe.tokenizer.chat_template = \"{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}\"\n"
+        "chat = pipe([{'role': 'user', 'content': 'Where was the author born?'}], max_new_tokens=8, do_sample=False)\n"
+        "print('OK', repr(chat[0]['generated_text'][-1]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_export_prompt_entropy_flag_reaches_config_and_card(demo_export, tmp_path):
+    from alter_jax.cli import export as export_cli
+
+    run_dir, _, _ = demo_export
+    out = tmp_path / "zero"
+    assert export_cli.main(["--run", str(run_dir), "--format", "transformers", "--prompt-entropy", "zero",
+                            "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["alter"]["prompt_entropy"] == "zero"
+    assert "written with `prompt_entropy=zero`" in (out / "README.md").read_text()

@@ -31,6 +31,8 @@ real token after left padding:
   (the previous step's logits, temperature 1, before any sampling filter). It is kept on the
   cache object between decoding steps, so each ``generate()`` call is independent.
 
+``generate(use_cache=False)`` re-scores the whole text at every step, so its generated tokens
+get backbone entropies (the scoring rule), not their sampling distribution's.
 Decoding steps feed one token at a time (greedy / sampled ``generate()``, pipelines, chat
 templates). Not supported: feeding several new tokens on top of a cache (assisted decoding,
 continuing a cached conversation) and beam search's cache reordering; both raise or are
