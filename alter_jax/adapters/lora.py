@@ -180,7 +180,11 @@ class AsymLoRA(nnx.Module):
                 raise ValueError("GatedRouting needs a router (AdapterConfig.use_router=True and N >= 1).")
             z = self.router_logits(x, ctx.entropy).at[..., 0].add(cfg.retain_bias)
             w = gate_weights(z, ctx.high, cfg).astype(self.dtype)  # [B, T, E]
-            mixed = (w[..., :, None] * a[..., None, :]).reshape(*a.shape[:-1], -1)  # [B, T, E*r]
-            b_flat = jnp.transpose(experts, (0, 2, 1)).reshape(-1, experts.shape[1])  # [E*r, d_out]
-            return cfg.scale * (mixed @ b_flat)
+            # Σ_e w_e B_e a as B_r (w_0 a) + one contraction over (forget expert, rank): the stored
+            # [N, d_out, r] experts are read as they are (no [E·r, d_out] copy per call, which a decoding
+            # loop paid every step; WORKSPACE.md, gated generation speed)
+            retain = matmul_t(a * w[..., :1], self.retain_expert[...].astype(self.dtype))  # [B, T, d_out]
+            mixed = w[..., 1:, None] * a[..., None, :]  # [B, T, N, r]
+            forget = jnp.einsum("...nr,ndr->...d", mixed, self.forget_experts[...].astype(self.dtype))
+            return cfg.scale * (retain + forget)
         raise TypeError(f"unknown adapter_ctx {type(ctx).__name__}")
