@@ -72,6 +72,8 @@ __all__ = [
 
 EntropySource = Literal["base", "self"]
 _SOURCES = ("base", "self")
+PromptEntropy = Literal["base", "zero"]
+_PROMPT = ("base", "zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,10 @@ class GateConfig:
     high-entropy when ``S_q > θ`` (resolve ``quantile`` / ``bimodal`` thresholds with
     :func:`alter_jax.entropy.fit_threshold` first). source: ``"base"`` or ``"self"``
     (module docstring). self_iters: fixed-point passes for ``"self"`` (``None`` = exact).
+    prompt_entropy (decoding only): ``"base"`` (default, spec §2: the prompt's entropies from one
+    backbone prefill) or ``"zero"`` (no backbone prefill: every prompt token gets ``S = 0``, i.e.
+    low-entropy argmax routing, as the first token of any text; a departure measured in
+    WORKSPACE.md, never used when scoring a text).
     The router temperatures and top-k are the adapter's own (``AdapterConfig``).
     """
 
@@ -89,8 +95,14 @@ class GateConfig:
     threshold: float = 1.2
     source: EntropySource = "base"
     self_iters: int | None = 1
+    prompt_entropy: PromptEntropy = "base"
 
     def __post_init__(self):
+        if self.prompt_entropy not in _PROMPT:
+            raise ValueError(
+                f"alter_jax.gated.GateConfig: field 'prompt_entropy' must be one of {_PROMPT}, got {self.prompt_entropy!r} "
+                "('base' = one backbone prefill, the spec; 'zero' = no backbone prefill, prompt tokens low-entropy)"
+            )
         if self.source not in _SOURCES:
             raise ValueError(
                 f"alter_jax.gated.GateConfig: field 'source' must be one of {_SOURCES}, got {self.source!r} "
@@ -276,10 +288,10 @@ def gated_generate(
 ) -> GenerationOutput:
     """Entropy-gated decoding after LEFT-padded prompts ``input_ids: int[B, P]``.
 
-    Prompt tokens: entropy from one backbone prefill (jitted); generated tokens: entropy of
-    the distribution they were drawn from (``EntropyCtxFn`` in the decode step). The
-    prompt partition always comes from the backbone and ``gate.source`` is not used here
-    (spec §2, inference). Returns :class:`~alter_jax.generate.GenerationOutput`.
+    Prompt tokens: entropy from one backbone prefill (jitted; ``gate.prompt_entropy="zero"``:
+    none, S = 0); generated tokens: entropy of the distribution they were drawn from
+    (``EntropyCtxFn`` in the decode step). ``gate.source`` is not used here (spec §2,
+    inference). Returns :class:`~alter_jax.generate.GenerationOutput`.
     """
     if not isinstance(gate, GateConfig):
         raise TypeError(f"alter_jax.gated.gated_generate: 'gate' must be a GateConfig, got {type(gate).__name__}")
@@ -287,7 +299,11 @@ def gated_generate(
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
-    prefill = _prefill_gate(graphdef, state, ids, mask, jnp.float32(gate.threshold), q=gate.q)
+    if gate.prompt_entropy == "zero":  # no backbone prefill: S = 0 on the prompt (low entropy)
+        zeros = jnp.zeros(ids.shape, jnp.float32)
+        prefill = GatedRouting(entropy=zeros, high=jnp.zeros(ids.shape, bool))
+    else:
+        prefill = _prefill_gate(graphdef, state, ids, mask, jnp.float32(gate.threshold), q=gate.q)
     return generate(
         model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         rng=rng, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,

@@ -67,7 +67,9 @@ def _generate(graphdef, state, input_ids, attention_mask, key, *, cfg: SamplingC
     n = cfg.max_new_tokens
     cache = KVCache.create(model.cfg, b, p + n)
     positions = default_positions(attention_mask)
-    out = model.forward(input_ids, attention_mask, positions=positions, cache=cache, adapter_ctx=prefill_ctx)
+    # decoding reads only the last position's logits: the LM head runs there alone (head=False)
+    out = model.forward(input_ids, attention_mask, positions=positions, cache=cache, adapter_ctx=prefill_ctx, head=False)
+    prefill_logits = model.logits_from_hidden(out.hidden[:, -1])
     eos = jnp.asarray(eos_ids, jnp.int32)
 
     def cond(carry):
@@ -89,7 +91,7 @@ def _generate(graphdef, state, input_ids, attention_mask, key, *, cfg: SamplingC
     init = (
         jnp.zeros((), jnp.int32),
         out.cache,
-        out.logits[:, -1],
+        prefill_logits,
         positions[:, -1],
         jnp.zeros((b,), bool),
         jnp.full((b, n), pad_id, jnp.int32),

@@ -14,10 +14,12 @@ from alter_jax.bench.timing import interleaved
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ["JAX forward (jit)", "PyTorch forward (no_grad)", "JAX ALTER step (drift)", "JAX ALTER step (struct none)",
         "JAX AsymLoRA step (A frozen)", "JAX LoRA step", "PyTorch+PEFT LoRA step", "gated generate (Eq. 9)",
-        "merged generate (expert 0)", "gated prefill only (1 new token)", "merged prefill only (1 new token)"]
+        "merged generate (expert 0)", "gated prefill only (1 new token)", "merged prefill only (1 new token)",
+        "gated generate, prompt S = 0"]
 RATIOS = ["JAX / PyTorch forward tokens/s", "(a) JAX ALTER / PyTorch LoRA time", "(a) JAX LoRA / PyTorch LoRA time",
           "(b) JAX ALTER / JAX LoRA time", "(b) JAX ALTER (struct none) / JAX LoRA time",
-          "(b) JAX AsymLoRA / JAX LoRA time", "(c) gated / merged generation tokens/s"]
+          "(b) JAX AsymLoRA / JAX LoRA time", "(c) gated / merged generation tokens/s",
+          "(c) gated, prompt S = 0 (no backbone prefill) / merged"]
 
 
 def test_bench_runs_every_row_on_a_tiny_model(tmp_path):

@@ -122,9 +122,9 @@ def gate_weights(router_logits: jax.Array, high: jax.Array, cfg: AdapterConfig) 
     e = router_logits.shape[-1]
     z = router_logits.astype(jnp.float32)
     g_high = jax.nn.softmax(z / cfg.tau_high, axis=-1)
-    k = min(cfg.top_k, e)
-    top = jax.nn.one_hot(jax.lax.top_k(g_high, k)[1], e, dtype=jnp.float32).sum(-2)  # exactly k experts
-    g_high = g_high * top
+    if cfg.top_k < e:  # k >= E keeps every expert: the top-k mask would be all ones (skipped, same bits)
+        top = jax.nn.one_hot(jax.lax.top_k(g_high, cfg.top_k)[1], e, dtype=jnp.float32).sum(-2)  # exactly k experts
+        g_high = g_high * top
     g_high = g_high / jnp.sum(g_high, axis=-1, keepdims=True)
     g_low = jax.nn.one_hot(jnp.argmax(z / cfg.tau_low, axis=-1), e, dtype=jnp.float32)
     return jnp.where(high[..., None], g_high, g_low)
@@ -180,7 +180,11 @@ class AsymLoRA(nnx.Module):
                 raise ValueError("GatedRouting needs a router (AdapterConfig.use_router=True and N >= 1).")
             z = self.router_logits(x, ctx.entropy).at[..., 0].add(cfg.retain_bias)
             w = gate_weights(z, ctx.high, cfg).astype(self.dtype)  # [B, T, E]
-            mixed = (w[..., :, None] * a[..., None, :]).reshape(*a.shape[:-1], -1)  # [B, T, E*r]
-            b_flat = jnp.transpose(experts, (0, 2, 1)).reshape(-1, experts.shape[1])  # [E*r, d_out]
-            return cfg.scale * (mixed @ b_flat)
+            # Σ_e w_e B_e a as B_r (w_0 a) + one contraction over (forget expert, rank): the stored
+            # [N, d_out, r] experts are read as they are (no [E·r, d_out] copy per call, which a decoding
+            # loop paid every step; WORKSPACE.md, gated generation speed)
+            retain = matmul_t(a * w[..., :1], self.retain_expert[...].astype(self.dtype))  # [B, T, d_out]
+            mixed = w[..., 1:, None] * a[..., None, :]  # [B, T, N, r]
+            forget = jnp.einsum("...nr,ndr->...d", mixed, self.forget_experts[...].astype(self.dtype))
+            return cfg.scale * (retain + forget)
         raise TypeError(f"unknown adapter_ctx {type(ctx).__name__}")

@@ -10,7 +10,8 @@
 * :func:`bench_generate`: entropy-gated generation (:func:`alter_jax.gated.gated_generate`:
   backbone prefill + gated prefill + Eq. 9 decode) vs generation with expert 0 merged into
   the weights (:func:`alter_jax.adapters.inject.merged_backbone` +
-  :func:`alter_jax.generate.generate`); prompt ``[B, T]``, ``new_tokens`` generated, EOS off.
+  :func:`alter_jax.generate.generate`); prompt ``[B, T]``, ``new_tokens`` generated, EOS off;
+  also gated generation with ``GateConfig(prompt_entropy="zero")`` (no backbone prefill).
 
 Rows are dicts: ``section, name, compile_s, median_s, tokens_per_s`` (+ ``spread``);
 ratio rows: ``section, name, value, goal, met``.
@@ -241,6 +242,7 @@ def bench_generate(spec: BenchSpec) -> tuple[list[dict], list[dict], dict]:
     _, ent = gated_logits(model, ids, mask, GateConfig(threshold=0.0), return_entropy=True)
     theta = float(np.median(np.asarray(ent)[:, 1:]))
     gate = GateConfig(q=1.0, threshold=theta)
+    zero = GateConfig(q=1.0, threshold=theta, prompt_entropy="zero")  # the measured departure: no backbone prefill
     merged = merged_backbone(model, 0)
     kw = dict(eos_token_ids=(-1,), pad_token_id=0)  # no EOS: every variant generates all tokens
     n = spec.new_tokens
@@ -249,14 +251,16 @@ def bench_generate(spec: BenchSpec) -> tuple[list[dict], list[dict], dict]:
         "merged generate (expert 0)": lambda: generate(merged, ids, mask, max_new_tokens=n, **kw).tokens.block_until_ready(),
         "gated prefill only (1 new token)": lambda: gated_generate(model, ids, mask, gate, 1, **kw).tokens.block_until_ready(),
         "merged prefill only (1 new token)": lambda: generate(merged, ids, mask, max_new_tokens=1, **kw).tokens.block_until_ready(),
+        "gated generate, prompt S = 0": lambda: gated_generate(model, ids, mask, zero, n, **kw).tokens.block_until_ready(),
     }
     times = interleaved(fns, spec.steps, spec.warmup)
     tokens = spec.batch * n
     rows = [_row("generate", t, tokens if "only" not in t.name else spec.batch) for t in times.values()]
-    tg, tm, pg, pm = (times[k].median_s for k in fns)
+    tg, tm, pg, pm, tz = (times[k].median_s for k in fns)
     ratios = [_ratio("generate", "(c) gated / merged generation tokens/s", tm / tg, ">= 0.9")]
     if n > 1 and tg > pg and tm > pm:
         ratios.append(_ratio("generate", "(c) gated / merged decode-only tokens/s", (tm - pm) / (tg - pg)))
+    ratios.append(_ratio("generate", "(c) gated, prompt S = 0 (no backbone prefill) / merged", tm / tz))
     return rows, ratios, {"gate_threshold": theta, "new_tokens": n}
 
 

@@ -8,13 +8,14 @@ never holds a second full copy of the model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -251,21 +252,27 @@ def save_pretrained(
     dtype: str | None = None,
     tokenizer: Any = None,
     max_shard_bytes: int | None = None,
+    config: dict | None = None,
+    extra_tensors: Iterable[tuple[str, np.ndarray]] = (),
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a HF folder (config.json, safetensors, optional tokenizer) that transformers loads.
 
     ``tokenizer``: a transformers tokenizer (saved with its ``save_pretrained``) or a model
     folder whose tokenizer files are copied unchanged (:func:`copy_tokenizer_files`; no
     transformers import). With ``max_shard_bytes`` the weights are split into shards with a
-    ``model.safetensors.index.json``. The folder appears atomically.
+    ``model.safetensors.index.json``. The folder appears atomically. ``config`` replaces the
+    backbone's ``config.json`` dict; ``extra_tensors`` (name, array) are stored after the
+    backbone's; ``extra_files(tmp_folder)`` writes more files before the folder appears
+    (used by :mod:`alter_jax.io.transformers_export`).
     """
     out_dir = Path(out_dir)
     cfg = model.cfg if dtype is None else model.cfg.replace(param_dtype=dtype)
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict() if config is None else config, indent=2))
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
-        for name, arr in backbone_tensors(model, dtype):
+        for name, arr in itertools.chain(backbone_tensors(model, dtype), extra_tensors):
             if max_shard_bytes and size + arr.nbytes > max_shard_bytes and shards[-1]:
                 shards.append({})
                 size = 0
@@ -285,6 +292,8 @@ def save_pretrained(
             copy_tokenizer_files(tokenizer, tmp)
         elif tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if extra_files is not None:
+            extra_files(tmp)
     return out_dir
 
 

@@ -161,7 +161,7 @@ def test_export_never_writes_over_the_run_or_the_base_model(alter_run, tmp_path,
     for out, how, what in ((run, "is", "run folder"), (run.parent, "contains", "run folder"),
                            (run / "adapter", "is inside", "run folder"), (base, "is", "base model folder"),
                            (tmp_path, "contains", "run folder")):
-        for fmt in ("alter", "peft", "merged"):
+        for fmt in ("alter", "transformers", "peft", "merged"):
             with pytest.raises(SystemExit) as e:
                 export_cli.main(["--run", str(run), "--format", fmt, "--out", str(out), "--overwrite"])
             err = capsys.readouterr().err
@@ -183,11 +183,21 @@ def test_single_expert_export_of_alter_warns_loudly_and_in_its_readme(alter_run,
         err = capsys.readouterr().err
         assert "WARNING: this alter export holds one expert under hard routing, not the entropy-gated mixture" in err
         readme = (out / "README.md").read_text()
-        assert "WARNING" in readme and "bin/export --format alter" in readme
+        assert "WARNING" in readme and "bin/export --format alter" in readme and "--format transformers" in err
+        # issue 18: what the chosen expert measured, beside the run's gated figures, in both places
+        report = json.loads((alter_run / "report.json").read_text())
+        gated = f"{report['after']['forget']['answer_prob']:.3f}"
+        for text in (err, readme):
+            row = next(l for l in text.splitlines() if f"this export (expert {expert}, hard routing)" in l).split()
+            assert 0.0 <= float(row[-2]) <= 1.0 and 0.0 <= float(row[-1]) <= 1.0, row
+            assert gated in next(l for l in text.splitlines() if "gated model (the run, Eq. 9)" in l)
         if expert == 0:
             assert "has NOT forgotten the forget set" in err and "has NOT forgotten" in readme
         else:
             assert "expert 1 is a forget expert" in readme
     assert export_cli.main(["--run", str(alter_run), "--format", "alter", "--out", str(tmp_path / "a")]) == 0
     assert "WARNING" not in capsys.readouterr().err and not (tmp_path / "a" / "README.md").exists()
+    out = tmp_path / "nomeasure"
+    assert export_cli.main(["--run", str(alter_run), "--format", "peft", "--expert", "1", "--no-measure", "--out", str(out)]) == 0
+    assert "this export (expert 1): not measured (--no-measure)" in capsys.readouterr().err
     assert _tree(alter_run) == before
