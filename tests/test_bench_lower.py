@@ -1,0 +1,67 @@
+"""``bin/bench --what lower`` (cross-platform lowering from abstract inputs) and ``--what memory``
+(planner vs compiled bytes) on the tiny shape, in subprocesses with 8 simulated CPU devices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from alter_jax.bench.lower import COLLECTIVES, _fit_line, count_collectives
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(*argv, timeout=400):
+    return subprocess.run([sys.executable, str(REPO / "bin" / "bench"), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_count_collectives_reads_hlo_and_stablehlo():
+    hlo = ("  %a = f32[4] all-reduce(f32[4] %x), replica_groups={}\n  %s = (f32[4]) all-gather-start(%y)\n"
+           "  %d = f32[8] all-gather-done(%s)\n  %p = f32[2] collective-permute(%z)\n")
+    assert count_collectives(hlo) == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 0, "all-to-all": 0,
+                                      "collective-permute": 1}
+    shlo = '%0 = "stablehlo.all_reduce"(%arg0) ... stablehlo.reduce_scatter ... stablehlo.all_to_all'
+    assert count_collectives(shlo)["reduce-scatter"] == 1 and count_collectives(shlo)["all-to-all"] == 1
+    assert _fit_line([1, 2], [19.0, 33.0], 32) == 19 + 14 * 31 and _fit_line([4], [7.0], 32) == 7.0
+
+
+def test_lower_tiny_shape_for_cuda_and_tpu(tmp_path):
+    out = tmp_path / "lower.json"
+    proc = _bench("--what", "lower", "--shape", "mfu-tiny", "--dtype", "float32", "--seq", "64", "--prompt", "16",
+                  "--new-tokens", "4", "--platforms", "cuda,tpu", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "lowering ALTER step + gated generation: cuda: OK, tpu: OK" in proc.stdout, proc.stdout
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and res["attention_impl"] == "xla"
+    for name in ("alter_step", "gated_generate"):
+        for plat in ("cuda", "tpu"):
+            r = res[name]["platforms"][plat]
+            assert r["ok"] and r["devices"] == 8 and r["mlir_bytes"] > 10_000, (name, plat, r)
+        counts = res[name]["compiled_cpu"]["collectives"]
+        assert set(counts) == set(COLLECTIVES)
+        # fsdp=8: parameters are gathered for the forward and gradients reduced
+        assert counts["all-gather"] > 0 and counts["all-reduce"] > 0, (name, counts)
+
+
+def test_lower_reports_a_platform_that_fails(tmp_path):
+    out = tmp_path / "lower.json"
+    proc = _bench("--what", "lower", "--shape", "mfu-tiny", "--dtype", "float32", "--seq", "32", "--prompt", "8",
+                  "--new-tokens", "2", "--platforms", "cuda,nosuchplatform", "--compile-layers", "1", "--layers", "1",
+                  "--json", str(out))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["alter_step"]["platforms"]["cuda"]["ok"]
+    bad = res["alter_step"]["platforms"]["nosuchplatform"]
+    assert not bad["ok"] and bad["error"]
+    assert "nosuchplatform: FAILED" in proc.stdout
+
+
+def test_solo_parts_refuse_company_and_bad_meshes():
+    for argv, needle in ((["--what", "lower,step"], "lower runs alone"),
+                         (["--what", "lower", "--mesh", "fsdp=x"], "--mesh 'fsdp=x'"),
+                         (["--what", "memory", "--layers", "0"], "--layers '0'")):
+        proc = _bench(*argv, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
