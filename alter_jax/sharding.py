@@ -71,6 +71,24 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"/adapter/router$", P()),  # [d_in + 1, E]
 )
 
+#: Activation layouts by the kind ``models/llama.py`` marks (``models/constraints.py``), applied
+#: as ``with_sharding_constraint`` while a sharded step is traced: rows over the batch axes
+#: everywhere (ZeRO-3 / FSDP: the weights are gathered, never the activations), the widths
+#: that column-parallel projections produce (and row-parallel ones consume) and the
+#: vocabulary over ``tensor`` (Megatron). Without them XLA's partitioner gathers whole-batch
+#: activations around the frozen projections and the LM head of the 7B step at fsdp=8
+#: (``f32[16, 1024, 11008]``, ``f32[16, 1023, 32000]``); with them it keeps every layer's gathered
+#: kernels for the backward pass instead, +0.8 GiB per layer, so they are opt-in
+#: (``shard_train_step(activation_rules=ACTIVATION_RULES)``; WORKSPACE, "Measured figures").
+ACTIVATION_RULES: tuple[tuple[str, P], ...] = (
+    ("residual", P(BATCH_AXES, None, None)),  # [B, T, D] embeddings
+    ("col_in", P(BATCH_AXES, None, None)),  # [B, T, D] into q/k/v/gate/up
+    ("col_out", P(BATCH_AXES, None, "tensor")),  # [B, T, F] / [B, T, H*Dh]
+    ("row_in", P(BATCH_AXES, None, "tensor")),  # [B, T, F] into o/down
+    ("row_out", P(BATCH_AXES, None, None)),  # [B, T, D] back on the residual stream
+    ("logits", P(BATCH_AXES, None, "tensor")),  # [B, A, V]
+)
+
 _LOGGED: set[str] = set()
 
 
@@ -218,6 +236,49 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     )
 
 
+# ----------------------------------------------------------------------------- activations
+def activation_constrainer(mesh: Mesh, rules=ACTIVATION_RULES):
+    """``(x, kind) -> x`` constrained to ``rules[kind]`` on ``mesh`` (fitted to ``x``'s shape; an
+    array of another rank, e.g. a decode step's gathered rows, is left to the partitioner)."""
+    table = dict(rules)
+    sizes = axis_sizes(mesh)
+
+    def constrain(x, kind):
+        spec = table.get(kind)
+        if spec is None or getattr(x, "ndim", None) != len(spec):
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, sizes, where=kind)))
+
+    return constrain
+
+
+def activation_layout(mesh: Mesh | None, rules=ACTIVATION_RULES):
+    """Context manager: trace under :data:`ACTIVATION_RULES` on ``mesh`` (``None``: no constraints)."""
+    from alter_jax.models.constraints import activation_constraints
+
+    return activation_constraints(None if mesh is None or rules is None else activation_constrainer(mesh, rules))
+
+
+class _Traced:
+    """A jitted function that is traced (called, lowered) under an activation layout."""
+
+    def __init__(self, fn, mesh: Mesh, rules):
+        self._fn, self._mesh, self._rules = fn, mesh, rules
+
+    def __call__(self, *args, **kwargs):
+        with activation_layout(self._mesh, self._rules):
+            return self._fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with activation_layout(self._mesh, self._rules):
+            return self._fn.lower(*args, **kwargs)
+
+    @property
+    def jitted(self):
+        """The plain ``jax.jit`` function (for ``jax.export``, under :func:`activation_layout`)."""
+        return self._fn
+
+
 # ----------------------------------------------------------------------------- train step
 def train_step_shardings(state: Any, frozen: Any, batch: Any, mesh: Mesh, rules=PARTITION_RULES):
     """``(in_shardings, out_shardings)`` for ``jit_train_step(settings, tx, ...)``.
@@ -236,18 +297,22 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def shard_train_step(settings, tx, state, frozen, batch, mesh: Mesh, *, donate: bool = True, rules=PARTITION_RULES,
-                     place_batch: bool = True):
+                     place_batch: bool = True, activation_rules=None):
     """Jit the train step for ``mesh`` and place its inputs.
 
     Returns ``(step, state, frozen, batch)``: call ``step(state, frozen, batch)``; later
     batches go through ``place(batch, in_shardings[2])``, :func:`batch_shardings` or (each
     process its own rows) :func:`global_batch`. ``place_batch=False``: ``batch`` may be abstract
-    (``ShapeDtypeStruct`` leaves: only its structure is used) and is returned as it is.
+    (``ShapeDtypeStruct`` leaves: only its structure is used) and is returned as it is. The step
+    traces under ``activation_rules`` (e.g. :data:`ACTIVATION_RULES`; default ``None``: parameters and
+    batch sharded, activations left to XLA's partitioner, which measured less memory at 7B depth).
     """
     from alter_jax.train.step import jit_train_step  # train imports nothing from here
 
     in_sh, out_sh = train_step_shardings(state, frozen, batch, mesh, rules)
     step = jit_train_step(settings, tx, in_shardings=in_sh, out_shardings=out_sh, donate=donate)
+    if activation_rules is not None:
+        step = _Traced(step, mesh, activation_rules)
     state, frozen = place((state, frozen), in_sh[:2])
     if place_batch:
         batch = place(batch, in_sh[2])

@@ -91,8 +91,20 @@ def abstract_batch(shape: StepShape) -> dict:
     return {"forget": dict(side), "retain": dict(side)}
 
 
-def alter_step_program(cfg: ModelConfig, shape: StepShape, mesh, *, method: str = "alter", rules=None):
-    """``(jitted step, abstract args with shardings)`` of the sharded train step of ``method``."""
+_DEFAULT = object()
+
+
+def _traced(fn, mesh, activation_rules):
+    from alter_jax.sharding import ACTIVATION_RULES, _Traced
+
+    rules = None if activation_rules is _DEFAULT else activation_rules  # default: as the trainer (off)
+    return fn if rules is None else _Traced(fn, mesh, rules)
+
+
+def alter_step_program(cfg: ModelConfig, shape: StepShape, mesh, *, method: str = "alter", rules=None,
+                       activation_rules=_DEFAULT):
+    """``(jitted step, abstract args with shardings)`` of the sharded train step of ``method``, traced
+    under ``activation_rules`` (default none, as the trainer; e.g. :data:`alter_jax.sharding.ACTIVATION_RULES`)."""
     from alter_jax.config import LossConfig, OptimConfig
     from alter_jax.sharding import PARTITION_RULES, abstract_tree, train_step_shardings
     from alter_jax.train.methods import get_method
@@ -111,11 +123,11 @@ def alter_step_program(cfg: ModelConfig, shape: StepShape, mesh, *, method: str 
     settings = StepSettings(method=spec, loss=LossConfig(), q=1.0, threshold=1.2, head_chunk=shape.head_chunk)
     step = jit_train_step(settings, tx, in_shardings=in_sh, out_shardings=out_sh, donate=True)
     args = tuple(abstract_tree(x, s) for x, s in zip((state, frozen, batch), in_sh))
-    return step, args
+    return _traced(step, mesh, activation_rules), args
 
 
 def gated_generate_program(cfg: ModelConfig, shape: StepShape, mesh, *, prompt: int = 128, new_tokens: int = 32,
-                           threshold: float = 1.2, q: float = 1.0):
+                           threshold: float = 1.2, q: float = 1.0, activation_rules=_DEFAULT):
     """``(jitted fn, abstract args)`` of entropy-gated generation (:func:`alter_jax.gated.gated_generate`'s
     two jitted parts in one program): ``per_side`` prompts of ``prompt`` tokens, ``new_tokens`` decoded."""
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -138,7 +150,7 @@ def gated_generate_program(cfg: ModelConfig, shape: StepShape, mesh, *, prompt: 
     st_sh = state_shardings(state, mesh)
     fn = jax.jit(gated_generate, in_shardings=(st_sh, rows, rows), out_shardings=rows)
     ids = jax.ShapeDtypeStruct((b, prompt), jnp.int32, sharding=rows)
-    return fn, (abstract_tree(state, st_sh), ids, ids)
+    return _traced(fn, mesh, activation_rules), (abstract_tree(state, st_sh), ids, ids)
 
 
 def count_collectives(text: str) -> dict[str, int]:
@@ -156,11 +168,17 @@ def export_for(fn, args, platforms: tuple[str, ...]) -> dict[str, dict]:
     """Per platform: ``{"ok", "seconds", "collectives_stablehlo", "mlir_bytes"}`` or ``{"ok": False, "error"}``."""
     from jax import export
 
+    from alter_jax.sharding import _Traced, activation_layout
+
     out = {}
     for plat in platforms:
         t0 = time.perf_counter()
         try:
-            exp = export.export(fn, platforms=[plat])(*args)
+            if isinstance(fn, _Traced):  # export needs the jax.jit itself; trace it under its layout
+                with activation_layout(fn._mesh, fn._rules):
+                    exp = export.export(fn.jitted, platforms=[plat])(*args)
+            else:
+                exp = export.export(fn, platforms=[plat])(*args)
             text = exp.mlir_module()
             out[plat] = {"ok": True, "seconds": time.perf_counter() - t0, "mlir_bytes": len(text),
                          "collectives_stablehlo": count_collectives(text), "devices": exp.nr_devices}
@@ -196,12 +214,12 @@ def planned_bytes(cfg: ModelConfig, shape: StepShape, mesh_sizes: dict, method: 
     return int(plan.total)
 
 
-def planner_vs_compiled(cfg: ModelConfig, shape: StepShape, mesh) -> dict[str, Any]:
+def planner_vs_compiled(cfg: ModelConfig, shape: StepShape, mesh, activation_rules=_DEFAULT) -> dict[str, Any]:
     """Compile the sharded ALTER step on ``mesh`` (abstract inputs) and set its per-device peak
     beside the planner's estimate: ``ratio = planned / compiled``."""
     from alter_jax.sharding import axis_sizes
 
-    step, args = alter_step_program(cfg, shape, mesh)
+    step, args = alter_step_program(cfg, shape, mesh, activation_rules=activation_rules)
     c = compile_step(step, args)
     planned = planned_bytes(cfg, shape, axis_sizes(mesh))
     return {**c, "mesh": axis_sizes(mesh), "layers": cfg.num_layers, "planned_bytes": planned,
@@ -326,18 +344,22 @@ def memory_report(cfg: ModelConfig, shape: StepShape, layer_counts: list[int], *
     """``bin/bench --what memory``: planned vs compiled per-device bytes of the ALTER step per mesh
     and layer count; with several layer counts both are fitted linearly in the layer count and the
     ratio is also given at the shape's full depth (``extrapolated``)."""
+    from alter_jax.sharding import ACTIVATION_RULES
+
     rows, out = [], {"shape": dataclasses.asdict(shape), "full_layers": cfg.num_layers, "meshes": []}
-    for sizes in meshes:
+    for (sizes, variant) in [(m, v) for m in meshes for v in ("weights", "activations")]:
         mesh = simulated_mesh(sizes, devices)
+        rules = ACTIVATION_RULES if variant == "activations" else None
         per = []
         for n in layer_counts:
-            log(f"[memory] mesh {sizes}: compiling the ALTER step with {n} layer(s) ...")
-            r = planner_vs_compiled(lowering_config(cfg, num_layers=n, remat=shape.remat), shape, mesh)
+            log(f"[memory] mesh {sizes}, {variant}: compiling the ALTER step with {n} layer(s) ...")
+            r = planner_vs_compiled(lowering_config(cfg, num_layers=n, remat=shape.remat), shape, mesh,
+                                    activation_rules=rules)
             per.append(r)
             rows.append(r)
             log(f"[memory]   planned {r['planned_bytes'] / 2**30:.2f} GiB, compiled {r['peak_bytes'] / 2**30:.2f} GiB, "
                 f"ratio {r['ratio']:.3f} ({r['compile_s']:.0f} s)")
-        entry = {"mesh": per[0]["mesh"], "by_layers": per}
+        entry = {"mesh": per[0]["mesh"], "by_layers": per, "variant": variant}
         xs = [r["layers"] for r in per]
         if cfg.num_layers not in xs:
             comp = _fit_line(xs, [r["peak_bytes"] for r in per], cfg.num_layers)
@@ -350,14 +372,15 @@ def memory_report(cfg: ModelConfig, shape: StepShape, layer_counts: list[int], *
 
 def format_memory(result: dict) -> str:
     lines = ["planner vs compiled (per-device peak = argument + output - aliased + temp; ratio = planned / compiled, "
-             "goal 0.75-1.25)"]
+             "goal 0.75-1.25); 'weights': parameters and batch sharded (the trainer's default), 'activations': "
+             "+ sharding.ACTIVATION_RULES"]
     for e in result["meshes"]:
         for r in e["by_layers"]:
-            lines.append(f"  mesh {e['mesh']}  {r['layers']:>3} layers  planned {r['planned_bytes'] / 2**30:8.2f} GiB  "
+            lines.append(f"  mesh {e['mesh']} {e['variant']:<11} {r['layers']:>3} layers  planned {r['planned_bytes'] / 2**30:8.2f} GiB  "
                          f"compiled {r['peak_bytes'] / 2**30:8.2f} GiB  ratio {r['ratio']:.3f}")
         if "extrapolated" in e:
             x = e["extrapolated"]
-            lines.append(f"  mesh {e['mesh']}  {x['layers']:>3} layers  planned {x['planned_bytes'] / 2**30:8.2f} GiB  "
+            lines.append(f"  mesh {e['mesh']} {e['variant']:<11} {x['layers']:>3} layers  planned {x['planned_bytes'] / 2**30:8.2f} GiB  "
                          f"compiled {x['compiled_bytes'] / 2**30:8.2f} GiB  ratio {x['ratio']:.3f}  (compiled bytes "
                          f"EXTRAPOLATED linearly from {x['from_layers']} layers)")
     return "\n".join(lines)

@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--platforms", default="cuda,tpu", help="lower: comma list of jax.export platforms (default: %(default)s)")
     p.add_argument("--mesh", default="fsdp=8", help="lower: mesh sizes, e.g. fsdp=8 or data=2,fsdp=2,tensor=2 (default: %(default)s)")
     p.add_argument("--layers", default=None, help="lower / memory: layer count(s) instead of the shape's (memory: comma list, fitted)")
-    p.add_argument("--compile-layers", default="all", help="lower: layer counts compiled on CPU to count collectives, "
+    p.add_argument("--compile-layers", default="1,2", help="lower: layer counts compiled on CPU to count collectives, "
                    "fitted linearly to the full depth; 'all' compiles the full model (default: %(default)s)")
     p.add_argument("--prompt", type=int, default=128, help="lower: prompt tokens of the gated generation (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
