@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from alter_jax.bench.lower import COLLECTIVES, _fit_line, count_collectives
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +27,7 @@ def test_count_collectives_reads_hlo_and_stablehlo():
                                       "collective-permute": 1}
     shlo = '%0 = "stablehlo.all_reduce"(%arg0) ... stablehlo.reduce_scatter ... stablehlo.all_to_all'
     assert count_collectives(shlo)["reduce-scatter"] == 1 and count_collectives(shlo)["all-to-all"] == 1
-    assert _fit_line([1, 2], [19.0, 33.0], 32) == 19 + 14 * 31 and _fit_line([4], [7.0], 32) == 7.0
+    assert _fit_line([1, 2], [19.0, 33.0], 32) == pytest.approx(19 + 14 * 31) and _fit_line([4], [7.0], 32) == 7.0
 
 
 def test_lower_tiny_shape_for_cuda_and_tpu(tmp_path):
