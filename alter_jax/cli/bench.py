@@ -34,17 +34,21 @@ call's time, compile included, is reported as "first s"):
   on ``--mesh`` (default fsdp=8, simulated CPU devices), lowered with ``jax.export`` for
   ``--platforms`` (default cuda,tpu) from abstract inputs only (no weights; XLA attention, as the
   cuDNN path needs cuDNN to lower); success per platform and the collectives per call after SPMD
-  partitioning (``alter_jax.bench.lower``). ``--batch`` rows (half forget), default 16.
+  partitioning (``alter_jax.bench.lower``), counted on CPU compiles of ``--compile-layers`` (default
+  1,2) layers and fitted linearly to the full depth (``all``: compile it; > 20 min at 7B on 2 cores).
+  ``--batch`` rows (half forget), default 16.
 
     bin/bench --what lower --shape llama2-7b --platforms cuda,tpu
 
 * ``memory``   — planner vs compiler: compiles (never runs) the sharded ALTER step of ``--shape`` on
   fsdp=N and tensor=N (N = 8 simulated devices) with ``--layers`` layers and sets
   ``memory_analysis()``'s per-device peak beside ``alter_jax.plan``'s estimate (ratio planned /
-  compiled, goal within 25 %). A comma list of layer counts fits peak = a + b·L per mesh and
-  extrapolates to the shape's full depth (stated as such in the output).
+  compiled, goal within 25 %), with and without ``sharding.ACTIVATION_RULES``. A comma list of
+  layer counts (default 1,2,4 for deeper shapes) fits peak = a + b·L per mesh and extrapolates to
+  the shape's full depth (stated as such in the output). On XLA:CPU bf16 dots run in float32: use
+  ``--dtype float32`` to check the plan's structure.
 
-    bin/bench --what memory --shape llama2-7b --layers 1,2,4 --batch 16 --seq 1024
+    bin/bench --what memory --shape llama2-7b --dtype float32 --batch 16 --seq 1024
 
 * ``device-check`` — the day an accelerator is there, in one command (``alter_jax.bench.device_check``):
   JAX vs PyTorch logits on the device (float32, bfloat16), cuDNN vs XLA attention, the 1B / 7B
@@ -275,7 +279,9 @@ def main_solo(part: str, args, order: str) -> int:
                                      log=lambda s: print(s, file=sys.stderr))
             print(LW.format_lower(result))
         else:
-            layers = [cfg.num_layers] if args.layers is None else _int_list(args.layers, "--layers")
+            # default: 1, 2, 4 layers fitted to the full depth (a 32-layer CPU compile took > 20 min)
+            layers = (([1, 2, 4] if cfg.num_layers > 4 else [cfg.num_layers]) if args.layers is None
+                      else _int_list(args.layers, "--layers"))
             result = LW.memory_report(cfg, shape, layers, devices=cpu, log=lambda s: print(s, file=sys.stderr))
             print(LW.format_memory(result))
     result["environment"] = environment()

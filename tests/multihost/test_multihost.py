@@ -63,8 +63,25 @@ def _max_diff(a: np.lib.npyio.NpzFile, b, prefix_a: str, prefix_b: str) -> tuple
 
 @pytest.fixture(scope="module")
 def two_process_steps(tmp_path_factory):
-    """The 2-process worker and, alongside, the 1-process worker (which waits for the checkpoint)."""
-    out = tmp_path_factory.mktemp("multihost")
+    """The 2-process worker and, alongside, the 1-process worker (which waits for the checkpoint).
+    Run once per session even when pytest-xdist spreads the tests over workers (the pattern of the
+    xdist docs: a file lock in the base temp folder all workers share)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker's base temp is a child of one folder
+        root = root.parent
+    out = root / "multihost_shared"
+    with FileLock(str(root / "multihost_shared.lock")):
+        if not (out / "single.json").is_file():
+            out.mkdir(exist_ok=True)
+            _run_workers(out)
+    return {"out": out, "multi": np.load(out / "multi.npz"), "single": np.load(out / "single.npz"),
+            "rows": [json.loads((out / f"multi_rows_p{p}.json").read_text()) for p in (0, 1)],
+            "single_info": json.loads((out / "single.json").read_text())}
+
+
+def _run_workers(out: Path) -> None:
     env = _env()
     single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     t0 = time.perf_counter()
@@ -80,9 +97,6 @@ def two_process_steps(tmp_path_factory):
     assert codes == [0, 0], log.getvalue()[-6000:]
     assert single.returncode == 0, s_out[-6000:]
     print(f"two-process worker + one-process worker: {wall:.1f} s wall")
-    return {"out": out, "multi": np.load(out / "multi.npz"), "single": np.load(out / "single.npz"),
-            "rows": [json.loads((out / f"multi_rows_p{p}.json").read_text()) for p in (0, 1)],
-            "single_info": json.loads((out / "single.json").read_text()), "wall_s": wall}
 
 
 def test_two_process_alter_step_equals_one_process(two_process_steps):
