@@ -71,6 +71,24 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"/adapter/router$", P()),  # [d_in + 1, E]
 )
 
+#: Activation layouts by the kind ``models/llama.py`` marks (``models/constraints.py``), applied
+#: as ``with_sharding_constraint`` while a sharded step is traced: rows over the batch axes
+#: everywhere (ZeRO-3 / FSDP: the weights are gathered, never the activations), the widths
+#: that column-parallel projections produce (and row-parallel ones consume) and the
+#: vocabulary over ``tensor`` (Megatron). Without them XLA's partitioner gathers whole-batch
+#: activations around the frozen projections and the LM head of the 7B step at fsdp=8
+#: (``f32[16, 1024, 11008]``, ``f32[16, 1023, 32000]``); with them it keeps every layer's gathered
+#: kernels for the backward pass instead, +0.8 GiB per layer, so they are opt-in
+#: (``shard_train_step(activation_rules=ACTIVATION_RULES)``; WORKSPACE, "Measured figures").
+ACTIVATION_RULES: tuple[tuple[str, P], ...] = (
+    ("residual", P(BATCH_AXES, None, None)),  # [B, T, D] embeddings
+    ("col_in", P(BATCH_AXES, None, None)),  # [B, T, D] into q/k/v/gate/up
+    ("col_out", P(BATCH_AXES, None, "tensor")),  # [B, T, F] / [B, T, H*Dh]
+    ("row_in", P(BATCH_AXES, None, "tensor")),  # [B, T, F] into o/down
+    ("row_out", P(BATCH_AXES, None, None)),  # [B, T, D] back on the residual stream
+    ("logits", P(BATCH_AXES, None, "tensor")),  # [B, A, V]
+)
+
 _LOGGED: set[str] = set()
 
 
@@ -218,6 +236,49 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     )
 
 
+# ----------------------------------------------------------------------------- activations
+def activation_constrainer(mesh: Mesh, rules=ACTIVATION_RULES):
+    """``(x, kind) -> x`` constrained to ``rules[kind]`` on ``mesh`` (fitted to ``x``'s shape; an
+    array of another rank, e.g. a decode step's gathered rows, is left to the partitioner)."""
+    table = dict(rules)
+    sizes = axis_sizes(mesh)
+
+    def constrain(x, kind):
+        spec = table.get(kind)
+        if spec is None or getattr(x, "ndim", None) != len(spec):
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, sizes, where=kind)))
+
+    return constrain
+
+
+def activation_layout(mesh: Mesh | None, rules=ACTIVATION_RULES):
+    """Context manager: trace under :data:`ACTIVATION_RULES` on ``mesh`` (``None``: no constraints)."""
+    from alter_jax.models.constraints import activation_constraints
+
+    return activation_constraints(None if mesh is None or rules is None else activation_constrainer(mesh, rules))
+
+
+class _Traced:
+    """A jitted function that is traced (called, lowered) under an activation layout."""
+
+    def __init__(self, fn, mesh: Mesh, rules):
+        self._fn, self._mesh, self._rules = fn, mesh, rules
+
+    def __call__(self, *args, **kwargs):
+        with activation_layout(self._mesh, self._rules):
+            return self._fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with activation_layout(self._mesh, self._rules):
+            return self._fn.lower(*args, **kwargs)
+
+    @property
+    def jitted(self):
+        """The plain ``jax.jit`` function (for ``jax.export``, under :func:`activation_layout`)."""
+        return self._fn
+
+
 # ----------------------------------------------------------------------------- train step
 def train_step_shardings(state: Any, frozen: Any, batch: Any, mesh: Mesh, rules=PARTITION_RULES):
     """``(in_shardings, out_shardings)`` for ``jit_train_step(settings, tx, ...)``.
@@ -235,17 +296,26 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.device_put(tree, shardings)
 
 
-def shard_train_step(settings, tx, state, frozen, batch, mesh: Mesh, *, donate: bool = True, rules=PARTITION_RULES):
+def shard_train_step(settings, tx, state, frozen, batch, mesh: Mesh, *, donate: bool = True, rules=PARTITION_RULES,
+                     place_batch: bool = True, activation_rules=None):
     """Jit the train step for ``mesh`` and place its inputs.
 
     Returns ``(step, state, frozen, batch)``: call ``step(state, frozen, batch)``; later
-    batches go through ``place(batch, in_shardings[2])`` or :func:`batch_shardings`.
+    batches go through ``place(batch, in_shardings[2])``, :func:`batch_shardings` or (each
+    process its own rows) :func:`global_batch`. ``place_batch=False``: ``batch`` may be abstract
+    (``ShapeDtypeStruct`` leaves: only its structure is used) and is returned as it is. The step
+    traces under ``activation_rules`` (e.g. :data:`ACTIVATION_RULES`; default ``None``: parameters and
+    batch sharded, activations left to XLA's partitioner, which measured less memory at 7B depth).
     """
     from alter_jax.train.step import jit_train_step  # train imports nothing from here
 
     in_sh, out_sh = train_step_shardings(state, frozen, batch, mesh, rules)
     step = jit_train_step(settings, tx, in_shardings=in_sh, out_shardings=out_sh, donate=donate)
-    state, frozen, batch = place((state, frozen, batch), in_sh)
+    if activation_rules is not None:
+        step = _Traced(step, mesh, activation_rules)
+    state, frozen = place((state, frozen), in_sh[:2])
+    if place_batch:
+        batch = place(batch, in_sh[2])
     return step, state, frozen, batch
 
 
@@ -273,7 +343,14 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     initialisation ran. Call it before anything touches ``jax.devices()``.
     """
     env = os.environ if env is None else env
+    if distributed_is_initialized():  # a second call (the loop after the CLI) is a no-op
+        return True
     coord = _env(_COORD_VARS, env)
+    if coord or _cluster_detected(env):
+        # CPU processes exchange their collectives over gloo (JAX's default today, set so a changed
+        # default cannot silently leave a multi-process CPU mesh without cross-process collectives);
+        # GPU / TPU backends ignore this option.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coord:
         nproc, pid = _env(_NPROC_VARS, env), _env(_PID_VARS, env)
         if nproc is None or pid is None:
@@ -288,13 +365,78 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
             raise ValueError(f"environment: NUM_PROCESSES={nproc!r} and PROCESS_ID={pid!r} must be integers.") from None
         jax.distributed.initialize(coordinator_address=coord, num_processes=nproc_i, process_id=pid_i)
         return True
-    slurm = env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1
-    tpu = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    mpi = int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-    if slurm or tpu or mpi:
+    if _cluster_detected(env):
         jax.distributed.initialize()
         return True
     return False
+
+
+def _cluster_detected(env: Mapping[str, str]) -> bool:
+    """A SLURM step with several tasks, a multi-host Cloud TPU pod or an Open MPI job."""
+    slurm = env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1
+    tpu = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    mpi = int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+    return bool(slurm or tpu or mpi)
+
+
+def distributed_is_initialized() -> bool:
+    """Whether ``jax.distributed.initialize`` has run in this process."""
+    check = getattr(jax.distributed, "is_initialized", None)
+    if check is not None:
+        return bool(check())
+    from jax._src import distributed as _d  # older JAX
+
+    return _d.global_state.client is not None
+
+
+def is_main_process() -> bool:
+    """Process 0 of a multi-process run (always True in a single process): the one that writes
+    run files (config, metrics, exports, reports); checkpoints are written by every process."""
+    return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- per-process batches
+def process_rows(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> np.ndarray:
+    """``int64[n_local]``: the rows (leading-axis indices) of a global array of ``shape`` that this
+    process's devices hold under ``sharding``, sorted and without repeats: the rows this process
+    loads, in the order :func:`jax.make_array_from_process_local_data` expects them. A batch
+    axis over ``("data", "fsdp")`` spanning the processes gives each its own block; a replicated
+    leading axis gives every process every row."""
+    rows = set()
+    for idx in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        first = idx[0] if idx else slice(None)
+        rows.update(range(*first.indices(shape[0])))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def global_batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """The sharding :func:`batch_shardings` gives a batch leaf of global ``shape``."""
+    if len(shape) == 0:
+        return NamedSharding(mesh, P())
+    return NamedSharding(mesh, fit_spec(P(BATCH_AXES), tuple(shape), axis_sizes(mesh), where="batch"))
+
+
+def process_batch_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+    """The rows of a ``[global_rows, ...]`` batch this process loads (every per-row leaf of
+    :func:`batch_shardings` is sharded alike): its own block when the batch axis spans the
+    processes, every row when the batch is replicated or the processes' devices share a block."""
+    return process_rows(global_batch_sharding(mesh, (global_rows,)), (global_rows,))
+
+
+def global_batch(local: Any, mesh: Mesh, global_rows: int) -> Any:
+    """One global ``jax.Array`` per leaf, built from this process's rows only
+    (:func:`jax.make_array_from_process_local_data`): each leaf of ``local`` holds the rows
+    :func:`process_batch_rows` names (``[n_local, ...]``) of a global batch with ``global_rows``
+    rows, laid out as :func:`batch_shardings`. In one process this equals ``jax.device_put`` of the
+    whole batch onto :func:`batch_shardings`."""
+    def make(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, NamedSharding(mesh, P()))
+        shape = (global_rows,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(global_batch_sharding(mesh, shape), x, shape)
+
+    return jax.tree_util.tree_map(make, local)
 
 
 # ----------------------------------------------------------------------------- checkpoints

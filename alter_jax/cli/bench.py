@@ -30,6 +30,33 @@ call's time, compile included, is reported as "first s"):
 
     bin/bench --what mfu --shape llama2-7b --batch 8 --seq 1024
 
+* ``lower``    — the full ALTER train step and the entropy-gated generation of ``--shape``, sharded
+  on ``--mesh`` (default fsdp=8, simulated CPU devices), lowered with ``jax.export`` for
+  ``--platforms`` (default cuda,tpu) from abstract inputs only (no weights; XLA attention, as the
+  cuDNN path needs cuDNN to lower); success per platform and the collectives per call after SPMD
+  partitioning (``alter_jax.bench.lower``), counted on CPU compiles of ``--compile-layers`` (default
+  1,2) layers and fitted linearly to the full depth (``all``: compile it; > 20 min at 7B on 2 cores).
+  ``--batch`` rows (half forget), default 16.
+
+    bin/bench --what lower --shape llama2-7b --platforms cuda,tpu
+
+* ``memory``   — planner vs compiler: compiles (never runs) the sharded ALTER step of ``--shape`` on
+  fsdp=N and tensor=N (N = 8 simulated devices) with ``--layers`` layers and sets
+  ``memory_analysis()``'s per-device peak beside ``alter_jax.plan``'s estimate (ratio planned /
+  compiled, goal within 25 %), with and without ``sharding.ACTIVATION_RULES``. A comma list of
+  layer counts (default 1,2,4 for deeper shapes) fits peak = a + b·L per mesh and extrapolates to
+  the shape's full depth (stated as such in the output). On XLA:CPU bf16 dots run in float32: use
+  ``--dtype float32`` to check the plan's structure.
+
+    bin/bench --what memory --shape llama2-7b --dtype float32 --batch 16 --seq 1024
+
+* ``device-check`` — the day an accelerator is there, in one command (``alter_jax.bench.device_check``):
+  JAX vs PyTorch logits on the device (float32, bfloat16), cuDNN vs XLA attention, the 1B / 7B
+  ALTER step tokens/s and MFU (``mfu``), peak device memory vs the planner. Parts that need an
+  accelerator are skipped on CPU with the reason in ``--json``; ``--shape mfu-tiny`` for a CPU test.
+
+    bin/bench --what device-check --json device_check.json
+
 Models: ``bench`` (default; random Llama-shaped, ~29M parameters, written once with
 transformers into the cache so both sides load the same weights), ``tiny`` (for tests),
 ``smollm2`` (the registry's smollm2-135m-instruct), or a Hugging Face folder.
@@ -48,7 +75,9 @@ from pathlib import Path
 
 from alter_jax.cli.common import CliError
 
-WHAT = ("forward", "step", "generate", "epoch", "mfu")
+WHAT = ("forward", "step", "generate", "epoch", "mfu", "lower", "memory", "device-check")
+#: parts with their own driver and output (one at a time)
+SOLO = ("lower", "memory", "device-check")
 ALL = ("forward", "step", "generate")
 #: ``--what epoch`` figures written at the top level of ``--json``.
 EPOCH_KEYS = ("ours_lora_over_torch_time", "alter_over_ours_lora_time", "first_step_s", "first_step_warm_s", "tokens_per_s")  # "all": the CPU-sized parts; mfu is asked for by name
@@ -58,15 +87,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="all", help="comma list of forward, step, generate, or all (default: %(default)s)")
     p.add_argument("--model", default="bench", help="bench | tiny | smollm2 | a HF folder / registry name (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=4, help="batch rows (default: %(default)s)")
-    p.add_argument("--seq", type=int, default=128, help="sequence length; the prompt length for generate (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None, help="batch rows (default: 4; lower / memory: 16)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length; the prompt length for generate "
+                   "(default: 128; lower / memory: 1024)")
     p.add_argument("--steps", type=int, default=5, help="timed calls per variant; the median is reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant before timing (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens generated per row (default: %(default)s)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     p.add_argument("--experts", type=int, default=2, help="ALTER forget experts N (default: %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side of 'step' and 'mfu' (JAX ratios only)")
-    p.add_argument("--shape", default="llama-1b", help="mfu: model shape, llama-1b | llama2-7b | mfu-tiny (default: %(default)s)")
+    p.add_argument("--shape", default=None, help="mfu / lower / memory / device-check: model shape, llama-1b | llama2-7b | "
+                   "mfu-tiny (default: mfu llama-1b, lower and memory llama2-7b, device-check both 1B and 7B)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="mfu: compute and weight dtype (default: %(default)s)")
     p.add_argument("--remat", action="store_true", help="mfu: rematerialise each layer (jax.checkpoint; gradient checkpointing in PyTorch)")
     p.add_argument("--peak-tflops", type=float, default=None, help="mfu: the device's peak dense TFLOP/s, if not in the built-in table")
@@ -74,6 +105,12 @@ def parser() -> argparse.ArgumentParser:
                    help="epoch: the TOFU folder the SmolLM2 study reads (default: %(default)s)")
     p.add_argument("--length-bucket", type=int, default=32, help="epoch: our trainer's model.length_bucket (default: %(default)s)")
     p.add_argument("--no-first-step", action="store_true", help="epoch: skip the cold/warm first-step subprocesses")
+    p.add_argument("--platforms", default="cuda,tpu", help="lower: comma list of jax.export platforms (default: %(default)s)")
+    p.add_argument("--mesh", default="fsdp=8", help="lower: mesh sizes, e.g. fsdp=8 or data=2,fsdp=2,tensor=2 (default: %(default)s)")
+    p.add_argument("--layers", default=None, help="lower / memory: layer count(s) instead of the shape's (memory: comma list, fitted)")
+    p.add_argument("--compile-layers", default="1,2", help="lower: layer counts compiled on CPU to count collectives, "
+                   "fitted linearly to the full depth; 'all' compiles the full model (default: %(default)s)")
+    p.add_argument("--prompt", type=int, default=128, help="lower: prompt tokens of the gated generation (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
     return p
 
@@ -85,6 +122,9 @@ def parse_what(text: str) -> list[str]:
     bad = [w for w in parts if w not in WHAT]
     if bad or not parts:
         raise CliError(f"--what {text!r}: unknown part(s) {bad}; choose from {', '.join(WHAT)} or all")
+    solo = [w for w in parts if w in SOLO]
+    if solo and len(parts) > 1:
+        raise CliError(f"--what {text!r}: {solo[0]} runs alone (its own driver and output); give it by itself")
     return [w for w in WHAT if w in parts]
 
 
@@ -160,9 +200,113 @@ def import_torch_first() -> str:
     return "torch first"
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"fsdp=8"`` / ``"data=2,fsdp=2,tensor=2"`` -> ``{"data", "fsdp", "tensor"}`` sizes."""
+    out = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        name, _, val = part.partition("=")
+        if name not in out or not val.isdigit() or int(val) < 1:
+            raise CliError(f"--mesh {text!r}: use axis=size pairs over data, fsdp, tensor (e.g. fsdp=8)")
+        out[name] = int(val)
+    return out
+
+
+def _mesh_devices(text: str) -> int:
+    sizes = parse_mesh(text)
+    return sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise CliError(f"{flag} {text!r}: give positive integers, e.g. 1,2,4")
+    return vals
+
+
+def _simulate_cpu_devices(n: int) -> None:
+    """Ask XLA for ``n`` CPU devices (before JAX starts; a larger count already set is kept)."""
+    import re as _re
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    m = _re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if m and int(m.group(1)) >= n:
+        return
+    if "jax" in sys.modules:
+        return  # too late to change; the drivers say how many devices they need
+    flags = _re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def main_solo(part: str, args, order: str) -> int:
+    """``lower``, ``memory`` and ``device-check`` (module docstring)."""
+    from alter_jax.bench.mfu import SHAPES, shape_config
+
+    if args.shape is None and part != "device-check":
+        args.shape = "llama2-7b"
+    if args.shape is not None and args.shape not in SHAPES:
+        raise CliError(f"--shape {args.shape!r}: choose from {', '.join(SHAPES)}")
+    batch = 16 if args.batch is None else args.batch
+    seq = (1024 if part != "device-check" else 128) if args.seq is None else args.seq
+    if part != "device-check" and (batch < 2 or batch % 2):
+        raise CliError(f"--batch {batch}: give an even number >= 2 (half forget, half retain rows)")
+    if part == "device-check":
+        from alter_jax.bench.device_check import device_check, format_device_check
+
+        result = device_check(args.shape, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                              with_torch=not args.no_torch, log=lambda s: print(s, file=sys.stderr))
+        print(format_device_check(result))
+    else:
+        import jax
+
+        from alter_jax.bench import lower as LW
+
+        cfg = shape_config(args.shape, args.dtype)
+        if seq > cfg.max_position_embeddings:
+            raise CliError(f"--seq {seq} exceeds {args.shape}'s max_position_embeddings")
+        shape = LW.StepShape(per_side=batch // 2, seq=seq, rank=args.rank, experts=args.experts, remat=args.remat)
+        cpu = jax.devices("cpu")
+        if part == "lower":
+            sizes = parse_mesh(args.mesh)
+            layers = cfg.num_layers if args.layers is None else _int_list(args.layers, "--layers")[0]
+            platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+            result = LW.lower_report(cfg, shape, sizes, platforms, layers=layers, devices=cpu,
+                                     compile_layers=None if args.compile_layers == "all"
+                                     else _int_list(args.compile_layers, "--compile-layers"),
+                                     prompt=args.prompt, new_tokens=args.new_tokens,
+                                     log=lambda s: print(s, file=sys.stderr))
+            print(LW.format_lower(result))
+        else:
+            # default: 1, 2, 4 layers fitted to the full depth (a 32-layer CPU compile took > 20 min)
+            layers = (([1, 2, 4] if cfg.num_layers > 4 else [cfg.num_layers]) if args.layers is None
+                      else _int_list(args.layers, "--layers"))
+            result = LW.memory_report(cfg, shape, layers, devices=cpu, log=lambda s: print(s, file=sys.stderr))
+            print(LW.format_memory(result))
+    result["environment"] = environment()
+    result["settings"] = {"what": part, "shape": args.shape, "batch": result.get("batch", batch),
+                          "seq": result.get("seq", seq), "import_order": order}
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("ok", True) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     what = parse_what(args.what)
+    if what[0] in SOLO:
+        if what[0] == "device-check":  # JAX and PyTorch share the accelerator, as for mfu
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        if what[0] in ("lower", "memory"):
+            _simulate_cpu_devices(8 if what[0] == "memory" else max(8, _mesh_devices(args.mesh)))
+        order = import_torch_first()
+        return main_solo(what[0], args, order)
+    args.batch = 4 if args.batch is None else args.batch
+    args.shape = "llama-1b" if args.shape is None else args.shape
+    args.seq = 128 if args.seq is None else args.seq
     if "mfu" in what:  # JAX and PyTorch share the accelerator: no JAX pre-allocation of 75 % of its memory
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     order = import_torch_first()

@@ -106,12 +106,26 @@ def forget_retain_batches(
         if len(next(iter(side.values()))) != n_f:
             raise ValueError(f"forget_retain_batches: side {name!r} has {len(next(iter(side.values())))} rows, "
                              f"forget {n_f}; aligned sides need one row per forget row")
-    partner = pair_forget_retain(n_f, n_r, seed, epoch)
-    for idx in batch_indices(n_f, batch_size, shuffle, seed, epoch, drop_last):
-        out = {"forget": take(forget, idx), "retain": take(retain, partner[idx])}
+    for idx in forget_retain_index_batches(n_f, n_r, batch_size, seed, epoch, shuffle, drop_last):
+        out = {"forget": take(forget, idx["forget"]), "retain": take(retain, idx["retain"])}
         for name, side in (aligned or {}).items():
-            out[name] = take(side, idx)
+            out[name] = take(side, idx["forget"])
         yield out
+
+
+def forget_retain_index_batches(n_forget: int, n_retain: int, batch_size: int, seed: int = 0, epoch: int = 0,
+                                shuffle: bool = True, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """The row indices behind :func:`forget_retain_batches`: ``{"forget": idx, "retain": partner[idx]}``
+    (``int64[b]`` each; an aligned side uses the forget indices), so a process can load only the
+    rows of a batch it holds."""
+    partner = pair_forget_retain(n_forget, n_retain, seed, epoch)
+    for idx in batch_indices(n_forget, batch_size, shuffle, seed, epoch, drop_last):
+        yield {"forget": idx, "retain": partner[idx]}
+
+
+def fill_indices(idx: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """:func:`fill_batch` on row indices: a short batch repeats its rows up to ``batch_size``."""
+    return {s: np.resize(np.asarray(v), batch_size) for s, v in idx.items()}
 
 
 def fill_batch(batch: Mapping[str, Mapping[str, np.ndarray]], batch_size: int) -> dict[str, Batch]:
@@ -178,17 +192,43 @@ def row_lengths(mask: np.ndarray) -> np.ndarray:
     return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
 
 
-def bucket_batch(batch: Mapping[str, Mapping[str, np.ndarray]], multiple: int) -> dict[str, Batch]:
+def row_metadata(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per row of encoded ``[N, T]`` arrays what :func:`bucket_dims` needs: ``length`` (last real
+    token + 1), ``scored`` (tokens a loss scores, ``labels[:, 1:] != -100``) and ``tokens`` (real
+    tokens), each ``int64[N]``. Cheap to keep for every row on every process."""
+    return {"length": row_lengths(arrays["attention_mask"]).astype(np.int64),
+            "scored": (arrays["labels"][:, 1:] != -100).sum(1).astype(np.int64),
+            "tokens": arrays["attention_mask"].sum(1).astype(np.int64)}
+
+
+def bucket_dims(meta: Mapping[str, Mapping[str, np.ndarray]], idx: Mapping[str, np.ndarray], multiple: int,
+                max_width: int) -> tuple[int, int]:
+    """``(W, A)`` of the forget/retain batch of rows ``idx`` (per side, into :func:`row_metadata`'s
+    ``meta``): the bucket width and scored-position bucket :func:`bucket_batch` would choose from the
+    whole batch, computed without its token arrays, so that every process of a multi-process run cuts
+    its own rows of one global batch to the same static shape."""
+    width = bucket_width(max(int(meta[s]["length"][idx[s]].max(initial=1)) for s in idx), multiple, max_width)
+    n_scored = max(int(np.minimum(meta[s]["scored"][idx[s]], width - 1).max(initial=1)) for s in idx)
+    a = bucket_width(n_scored, multiple, width - 1) if width > 1 else 1
+    return width, a
+
+
+def bucket_batch(batch: Mapping[str, Mapping[str, np.ndarray]], multiple: int,
+                 dims: tuple[int, int] | None = None) -> dict[str, Batch]:
     """A forget/retain batch (``{"forget": {...}, "retain": {...}}``, right-padded ``[B, T]``
     token arrays) cut to its length bucket ``W`` (shared by both sides, see the module
     docstring), with ``score_pos int32[B, A]`` added to each side (:func:`scored_positions`;
     ``A`` the bucket of the most scored tokens in a row, at most ``W - 1``). Per-row arrays
-    (``expert``, ``ref_logp``) are kept as they are."""
+    (``expert``, ``ref_logp``) are kept as they are. ``dims = (W, A)`` imposes the shape (from
+    :func:`bucket_dims` of the global batch when ``batch`` holds one process's rows of it)."""
     sides = list(batch)
     t = batch[sides[0]]["input_ids"].shape[1]
-    width = bucket_width(max(int(row_lengths(batch[s]["attention_mask"]).max(initial=1)) for s in sides), multiple, t)
-    n_scored = max(int((batch[s]["labels"][:, 1:width] != -100).sum(1).max(initial=1)) for s in sides)
-    a = bucket_width(n_scored, multiple, width - 1) if width > 1 else 1
+    if dims is not None:
+        width, a = dims
+    else:
+        width = bucket_width(max(int(row_lengths(batch[s]["attention_mask"]).max(initial=1)) for s in sides), multiple, t)
+        n_scored = max(int((batch[s]["labels"][:, 1:width] != -100).sum(1).max(initial=1)) for s in sides)
+        a = bucket_width(n_scored, multiple, width - 1) if width > 1 else 1
     out = {}
     for s in sides:
         side = {k: (v[:, :width] if np.ndim(v) == 2 and np.shape(v)[1] == t else v) for k, v in batch[s].items()}

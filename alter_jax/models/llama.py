@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx, struct
 
 from alter_jax.models.config import ModelConfig
+from alter_jax.models.constraints import constrain
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NEG_INF = -1e30
@@ -38,22 +39,24 @@ class AdaptableLinear(nnx.Module):
     structure, never on data.
     """
 
-    def __init__(self, d_in: int, d_out: int, *, use_bias: bool, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, *, use_bias: bool, dtype: str, param_dtype: str, rngs: nnx.Rngs,
+                 parallel: str = "col"):
         init = nnx.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(param_dtype)))
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.dtype(param_dtype))) if use_bias else None
         self.adapter: Any = nnx.data(None)  # a data slot: adapters are installed later
         self.dtype = jnp.dtype(dtype)
         self.d_in, self.d_out = d_in, d_out
+        self.parallel = parallel  # "col" (q/k/v/gate/up) or "row" (o/down): names the activation layout
 
     def __call__(self, x: jax.Array, adapter_ctx: Any = None) -> jax.Array:
-        x = x.astype(self.dtype)
+        x = constrain(x.astype(self.dtype), self.parallel + "_in")
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.adapter is not None:
             y = y + self.adapter(x, adapter_ctx).astype(self.dtype)
-        return y
+        return constrain(y, self.parallel + "_out")
 
 
 class RMSNorm(nnx.Module):
@@ -145,7 +148,7 @@ class Attention(nnx.Module):
         self.q_proj = AdaptableLinear(d, h * dh, **lin)
         self.k_proj = AdaptableLinear(d, k * dh, **lin)
         self.v_proj = AdaptableLinear(d, k * dh, **lin)
-        self.o_proj = AdaptableLinear(h * dh, d, **lin)  # HF Llama: attention_bias covers o_proj too
+        self.o_proj = AdaptableLinear(h * dh, d, **lin, parallel="row")  # HF Llama: attention_bias covers o_proj too
         self.cfg = cfg
 
     def __call__(self, x, positions, inv_freq, mask, kv: tuple[jax.Array, jax.Array] | None, index, adapter_ctx):
@@ -181,7 +184,7 @@ class MLP(nnx.Module):
         lin = dict(use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.gate_proj = AdaptableLinear(d, f, **lin)
         self.up_proj = AdaptableLinear(d, f, **lin)
-        self.down_proj = AdaptableLinear(f, d, **lin)
+        self.down_proj = AdaptableLinear(f, d, **lin, parallel="row")
         self.act = cfg.hidden_act
 
     def __call__(self, x, adapter_ctx):
@@ -312,7 +315,7 @@ class Transformer(nnx.Module):
             q_index = jnp.broadcast_to(index + jnp.arange(t), (b, t))
         mask = attention_mask_4d(q_index, kv_mask, cfg.sliding_window)
 
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype)), "residual")
         inv_freq = jnp.asarray(rope_inv_freq(cfg))  # a compile-time constant
         new_k, new_v = [], []
         layers = list(self.layers) if upto_layer is None else list(self.layers)[: upto_layer + 1]
@@ -342,7 +345,7 @@ class Transformer(nnx.Module):
         """The LM head: final (normed) hidden states ``[..., D] -> float32 logits [..., V]``
         (tied embeddings or ``lm_head``); any leading shape, e.g. gathered positions ``[B, A, D]``."""
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return (h @ w.astype(h.dtype)).astype(jnp.float32)
+        return constrain((h @ w.astype(h.dtype)).astype(jnp.float32), "logits")
 
     def __call__(self, input_ids, attention_mask=None, *, adapter_ctx: Any = None) -> jax.Array:
         return self.forward(input_ids, attention_mask, adapter_ctx=adapter_ctx).logits

@@ -18,6 +18,7 @@ parameters as an uninterrupted run (bitwise on CPU: data order is a function of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,8 +35,9 @@ from tqdm.auto import tqdm
 
 from alter_jax import config as C
 from alter_jax.adapters.inject import add_adapters, count_params
-from alter_jax.data.batching import (batch_indices, bucket_batch, bucket_width, fill_batch, forget_retain_batches,
-                                     row_lengths)
+from alter_jax.data.batching import (batch_indices, bucket_batch, bucket_dims, bucket_width, fill_batch,
+                                     fill_indices, forget_retain_batches, forget_retain_index_batches, row_lengths,
+                                     row_metadata, take)
 from alter_jax.entropy import fit_threshold
 from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
 from alter_jax.train.methods import IDK_LOSSES, MethodSpec, backbone_filter, get_method, uses_idk
@@ -463,11 +465,15 @@ def unlearn(
     ``interrupt_after_step`` simulates a crash right after that step's checkpoint (tests).
     """
     out = Path(run.output_dir)
+    from alter_jax.sharding import initialize_distributed, is_main_process
+
+    initialize_distributed()  # before any JAX computation; a no-op in a single process
     if out.exists() and not out.is_dir():
         raise C.ConfigValueError(f"config.output_dir = {run.output_dir!r} is a file, not a folder; choose a folder path")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = run_lock(out)
+        # process 0 holds the lock for the whole multi-process run (its peers share the folder)
+        lock = run_lock(out) if is_main_process() else contextlib.nullcontext()
     except (PermissionError, FileNotFoundError, OSError) as e:
         raise C.ConfigValueError(f"config.output_dir = {run.output_dir!r} cannot be written ({e.strerror}: "
                                  f"{e.filename}); choose a folder you can write to") from None
@@ -528,7 +534,13 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
             log(f"{out} holds a finished run with this config (report.json, result {done['result']}); nothing to do. "
                 "Choose a new output_dir to run again.")
             return done
-    write_json_atomic(out / "config.json", snapshot)
+    main = _main_process()
+    if jax.process_count() > 1:
+        log(f"process {jax.process_index()} of {jax.process_count()} ({jax.local_device_count()} of "
+            f"{jax.device_count()} devices): " + ("writes the run files" if main else
+                                                   "process 0 writes the run files; this one writes its checkpoint shards"))
+    if main:
+        write_json_atomic(out / "config.json", snapshot)
     method = get_method(run.train.method)
 
     # -- model, data, entropy, sub-domains (deterministic: recomputed on resume)
@@ -584,11 +596,13 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
     # true answers); IdkNLL / IdkDPO get them as a third, row-aligned side
     train_forget = arrays["idk"] if method.asymmetric and "idk" in arrays else arrays["forget"]
     aligned = {"idk": arrays["idk"]} if method.forget_loss in IDK_LOSSES else None
+    train_arrays = {"forget": train_forget, "retain": arrays["retain"], **(aligned or {})}  # what a step reads
 
     def train_batches(epoch: int):
         return forget_retain_batches(train_forget, arrays["retain"], run.train.batch_size, seed=run.train.seed,
                                      epoch=epoch, aligned=aligned)
-    write_json_atomic(out / "data_info.json", data_info)
+    if main:
+        write_json_atomic(out / "data_info.json", data_info)
 
     # -- before
     eval_rows = {s: rows[s] for s in SIDES}
@@ -644,41 +658,55 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
         position = {"epoch": meta["epoch"], "batch": meta["batch"]}
         log(f"resumed from {ckpt.directory / str(resumed)} (step {int(state.step)}, epoch {position['epoch']}, "
             f"batch {position['batch']})")
-        _truncate_metrics(metrics_file, int(state.step))
-    elif metrics_file.exists() and not method.phase1:
+        if main:
+            _truncate_metrics(metrics_file, int(state.step))
+    elif metrics_file.exists() and not method.phase1 and main:
         metrics_file.unlink()
 
     # the step is jitted once, with explicit shardings over the configured device mesh
-    from alter_jax.sharding import batch_shardings, initialize_distributed, make_mesh, place, shard_train_step
+    from alter_jax.sharding import global_batch, make_mesh, process_batch_rows, shard_train_step
 
-    initialize_distributed()
     mesh = make_mesh(run.mesh)
+    n_rows = {s: len(arrays[s]["input_ids"]) for s in SIDES}
+    meta = {s: row_metadata(v) for s, v in train_arrays.items()}
+    settings = _settings(method, run, threshold)
     example = bucket_batch(fill_batch(next(train_batches(0)), run.train.batch_size), run.model.length_bucket)
     if run.optim.grad_accum > 1:  # the batch pytree then carries the accumulation weights
-        example = {**example, "weights": {t: np.float32(1.0) for t in term_counts(_device_batch(example),
-                                                                                  _settings(method, run, threshold))}}
-    example = _device_batch(example)
-    step_fn, state, frozen, _ = shard_train_step(_settings(method, run, threshold), tx, state, frozen, example, mesh)
-    batch_sh = batch_shardings(example, mesh)
+        example = {**example, "weights": {t: np.float32(1.0) for t in term_counts(_device_batch(example), settings)}}
+    mine = process_batch_rows(mesh, run.train.batch_size)  # the rows of each global batch this process loads
+    abstract_batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), example)
+    step_fn, state, frozen, _ = shard_train_step(settings, tx, state, frozen, abstract_batch, mesh, place_batch=False)
     bar = tqdm(total=total_steps, initial=int(state.step), desc=f"unlearn[{method.name}]", disable=not progress)
     t0, tokens = time.perf_counter(), 0
     done = int(state.step) >= total_steps
 
-    def schedule():  # every micro-batch of phase II in order: ((epoch, index), bucketed batch)
+    def schedule():  # every micro-batch of phase II in order: ((epoch, index, rows), batch made on demand)
         for epoch in range(run.train.epochs):
-            for b_idx, batch in enumerate(train_batches(epoch)):
-                yield (epoch, b_idx), bucket_batch(fill_batch(batch, run.train.batch_size), run.model.length_bucket)
+            for b_idx, idx in enumerate(forget_retain_index_batches(n_rows["forget"], n_rows["retain"],
+                                                                   run.train.batch_size, seed=run.train.seed,
+                                                                   epoch=epoch)):
+                idx = fill_indices(idx, run.train.batch_size)
+                idx.update({name: idx["forget"] for name in aligned or {}})  # row-aligned with forget
 
-    counts_fn = jax.jit(functools.partial(term_counts, settings=_settings(method, run, threshold)))
-    micro = weighted_windows(schedule(), run.optim.grad_accum, counts_fn, start=int(state.step))
-    for (epoch, b_idx), batch in ([] if done else micro):
-        state, m = step_fn(state, frozen, place(_device_batch(batch), batch_sh))
+                def make(idx=idx):  # this process's rows, cut to the global batch's bucket
+                    dims = bucket_dims(meta, idx, run.model.length_bucket, run.model.max_length)
+                    local = bucket_batch({s: take(v, idx[s][mine]) for s, v in train_arrays.items()},
+                                         run.model.length_bucket, dims)
+                    return global_batch(local, mesh, run.train.batch_size)
+                yield (epoch, b_idx, idx), make
+
+    counts_fn = jax.jit(functools.partial(term_counts, settings=settings))
+    micro = weighted_windows(schedule(), run.optim.grad_accum, counts_fn, start=int(state.step),
+                             put=lambda v: global_batch(np.float32(v), mesh, run.train.batch_size))
+    for (epoch, b_idx, idx), batch in ([] if done else micro):
+        state, m = step_fn(state, frozen, batch)
         step = int(state.step)
-        tokens += int(sum(batch[s]["attention_mask"].sum() for s in SIDES))
+        tokens += int(sum(meta[s]["tokens"][idx[s]].sum() for s in SIDES))
         m = {k: float(v) for k, v in m.items()}
         check_finite_step(m, step, "main", run, lrs, ckpt, out)
         rate = tokens / (time.perf_counter() - t0)
-        _append_jsonl(metrics_file, {"step": step, "epoch": epoch, "phase": "main", **m, "tokens_per_s": rate})
+        if main:
+            _append_jsonl(metrics_file, {"step": step, "epoch": epoch, "phase": "main", **m, "tokens_per_s": rate})
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:.0f}")
         bar.update()
         last = step >= total_steps
@@ -700,8 +728,13 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
                        "No result was saved; rerun in a new output_dir.")
 
     # -- result
-    model = _rebuild(graphdef, state.trainable, frozen_parts)
-    result_dir = _export(model, method, run, out, tok, threshold, data_info)
+    trainable = state.trainable
+    if jax.process_count() > 1:  # every process gets the whole trained state back on its host
+        from jax.experimental import multihost_utils
+
+        trainable = jax.tree_util.tree_map(jnp.asarray, multihost_utils.process_allgather(trainable, tiled=True))
+    model = _rebuild(graphdef, trainable, frozen_parts)
+    result_dir = _export(model, method, run, out, tok, threshold, data_info) if main else _result_dir(method, out)
     lf, gf = model_eval_fns(model, method, run.entropy, threshold)
     ppl_fn = None
     if run.data.kind == "qa":  # generated answers are scored by the untouched backbone
@@ -726,9 +759,14 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
         "trainable_params": {g: count_params(s) for g, s in state.trainable.items()},
         "wall_s": time.perf_counter() - t_start,
     }
-    write_json_atomic(out / "report.json", report)
-    _plots(out, metrics_file, arrays, threshold)
+    if main:
+        write_json_atomic(out / "report.json", report)
+        _plots(out, metrics_file, arrays, threshold)
     log(_table({"before": before, "after": after}))
+    if jax.process_count() > 1:  # the peers leave once process 0 has written the result and report
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("alter_jax.unlearn.done")
     return report
 
 
@@ -739,7 +777,8 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
     tx = make_optimizer(lrs1, run.optim)
     state = init_state(trainable, tx)
     step_fn = jit_train_step(_settings(method, run, threshold, "phase1"), tx)
-    if metrics_file.exists():
+    main = _main_process()
+    if metrics_file.exists() and main:
         metrics_file.unlink()
     bar = tqdm(total=run.train.phase1_steps, desc="phase I", disable=not progress)
     settings = _settings(method, run, threshold, "phase1")
@@ -757,7 +796,8 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
         state, m = step_fn(state, frozen, _device_batch(batch))
         m = {k: float(v) for k, v in m.items()}
         check_finite_step(m, int(state.step), "phase1", run, lrs1, None, metrics_file.parent)
-        _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **m})
+        if main:
+            _append_jsonl(metrics_file, {"step": int(state.step), "phase": "phase1", **m})
         bar.update()
         if int(state.step) >= run.train.phase1_steps:
             break
@@ -777,6 +817,16 @@ def _rebuild(graphdef, trainable, frozen_parts):
     from alter_jax.train.step import merge_model
 
     return merge_model(graphdef, trainable, frozen_parts)
+
+
+def _main_process() -> bool:
+    from alter_jax.sharding import is_main_process
+
+    return is_main_process()
+
+
+def _result_dir(method, out: Path) -> Path:
+    return out / ("adapter" if method.adapter else "model")
 
 
 def _export(model, method, run, out: Path, tok, threshold, data_info) -> Path:
