@@ -22,13 +22,11 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from alter_jax.config import LossConfig, MeshConfig, OptimConfig  # noqa: E402
+from alter_jax.config import MeshConfig  # noqa: E402
 from alter_jax.sharding import (abstract_tree, make_mesh, restore_sharded, save_sharded,  # noqa: E402
                                 shard_train_step, state_shardings)
-from alter_jax.train.methods import get_method  # noqa: E402
-from alter_jax.train.optim import group_learning_rates, make_optimizer  # noqa: E402
-from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model  # noqa: E402
-from tests.train.conftest import TINY, make_side, tiny_model  # noqa: E402
+from alter_jax.train.step import jit_train_step  # noqa: E402
+from tests.train.conftest import TINY, alter_problem, make_side, tiny_model  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 2, 4), (2, 2, 2)]
 KERNEL = "layers/0/mlp/gate_proj/kernel"
@@ -56,13 +54,7 @@ def shard_shapes(x):
 
 def main(out_dir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
-    spec = get_method("alter")
-    graphdef, trainable, frozen_parts = split_model(tiny_model(), spec.trainable)
-    frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=None)
-    settings = StepSettings(method=spec, loss=LossConfig(), q=1.0, threshold=1.2)
-    optim = OptimConfig()
-    tx = make_optimizer(group_learning_rates(spec, optim), optim)
-    state = init_state(trainable, tx)
+    settings, tx, state, frozen = alter_problem(tiny_model())
     rng = np.random.default_rng(0)
     batch = {"forget": make_side(rng, 8, 12, TINY.vocab_size, (1, 3)),
              "retain": make_side(rng, 8, 12, TINY.vocab_size, (0, 1))}

@@ -160,25 +160,16 @@ def answer_perplexities(
     answer tokens are scored. ``max_length`` keeps the last tokens. NaN for an empty answer."""
     if prompts is not None and len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers")
-    seqs, n_ans = [], []
+    ctxs, anss = [], []
     for k, answer in enumerate(answers):
         if prompts is not None:
-            ctx = list(tokenizer(prompts[k], add_special_tokens=True)["input_ids"])
+            ctxs.append(list(tokenizer(prompts[k], add_special_tokens=True)["input_ids"]))
         else:
-            ctx = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-        seq = ctx + ans
-        if max_length is not None:
-            seq = seq[-max_length:]
-        seqs.append(seq)
-        n_ans.append(min(len(ans), max(len(seq) - 1, 0)))
+            ctxs.append([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
+        anss.append(list(tokenizer(answer, add_special_tokens=False)["input_ids"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lps = token_logprobs(logits_fn, seqs, pad_id, batch_size=batch_size, progress=progress, desc="ppl")
-    out = np.full(len(answers), np.nan)
-    for k, (lp, n) in enumerate(zip(lps, n_ans)):
-        if n > 0:
-            out[k] = float(np.exp(-lp[-n:].mean()))
-    return out
+    return continuation_perplexities(logits_fn, ctxs, anss, pad_id, batch_size=batch_size, max_length=max_length,
+                                     progress=progress)
 
 
 def continuation_perplexities(

@@ -31,12 +31,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alter_jax import sharding as S  # noqa: E402
-from alter_jax.config import LossConfig, MeshConfig, OptimConfig  # noqa: E402
+from alter_jax.config import MeshConfig  # noqa: E402
 from alter_jax.train.checkpoint import RunCheckpointer  # noqa: E402
-from alter_jax.train.methods import get_method  # noqa: E402
-from alter_jax.train.optim import group_learning_rates, make_optimizer  # noqa: E402
-from alter_jax.train.step import Frozen, StepSettings, init_state, split_model  # noqa: E402
-from tests.train.conftest import TINY, make_side  # noqa: E402
+from tests.train.conftest import TINY, alter_problem, make_side, tiny_model  # noqa: E402
 
 CFG = dataclasses.replace(TINY, num_layers=1)  # one layer: half the compile time of the 2-layer test model
 
@@ -52,31 +49,8 @@ def say(msg):
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def tiny_model():
-    """TINY's shape with one layer, ALTER adapters (2 forget experts, router), non-zero B."""
-    from flax import nnx
-
-    from alter_jax.adapters.inject import add_adapters
-    from alter_jax.adapters.lora import AdapterConfig
-    from alter_jax.models.llama import Transformer
-
-    model = Transformer(CFG, rngs=nnx.Rngs(0))
-    add_adapters(model, AdapterConfig(rank=4, alpha=8, num_forget_experts=2, use_router=True), seed=1)
-    rng = np.random.default_rng(0)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Variable)):
-        if path[-1] in ("retain_expert", "forget_experts"):  # zero B would hide A's gradient
-            var.set_value(rng.normal(0, 0.1, var.shape).astype(np.float32))
-    return model
-
-
 def problem():
-    spec = get_method("alter")
-    graphdef, trainable, frozen_parts = split_model(tiny_model(), spec.trainable)
-    frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=None)
-    settings = StepSettings(method=spec, loss=LossConfig(), q=1.0, threshold=1.2)
-    optim = OptimConfig()
-    tx = make_optimizer(group_learning_rates(spec, optim), optim)
-    state = init_state(trainable, tx)
+    settings, tx, state, frozen = alter_problem(tiny_model(cfg=CFG))  # one layer, non-zero B
     rng = np.random.default_rng(0)
     batches = [{"forget": make_side(rng, ROWS, 12, TINY.vocab_size, (1, 3)),
                 "retain": make_side(rng, ROWS, 12, TINY.vocab_size, (0, 1))} for _ in range(2)]

@@ -15,8 +15,8 @@ TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_laye
                    num_kv_heads=2, head_dim=8, eos_token_ids=(2,), pad_token_id=0)
 
 
-def tiny_model(num_forget_experts=2, use_router=True, seed=0, nonzero_experts=True):
-    model = Transformer(TINY, rngs=nnx.Rngs(seed))
+def tiny_model(num_forget_experts=2, use_router=True, seed=0, nonzero_experts=True, cfg: ModelConfig = TINY):
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
     if num_forget_experts is None:
         return model
     add_adapters(model, AdapterConfig(rank=4, alpha=8, num_forget_experts=num_forget_experts,
@@ -50,3 +50,20 @@ def batch():
     rng = np.random.default_rng(0)
     return {"forget": make_side(rng, 3, 12, TINY.vocab_size, (1, 3)),
             "retain": make_side(rng, 3, 12, TINY.vocab_size, (0, 1))}
+
+
+def alter_problem(model):
+    """``(settings, tx, state, frozen)`` of ALTER's train step on ``model`` (default loss and
+    optimizer settings, θ = 1.2): what the multi-device and multi-process workers step."""
+    from alter_jax.config import LossConfig, OptimConfig
+    from alter_jax.train.methods import get_method
+    from alter_jax.train.optim import group_learning_rates, make_optimizer
+    from alter_jax.train.step import Frozen, StepSettings, init_state, split_model
+
+    spec = get_method("alter")
+    graphdef, trainable, frozen_parts = split_model(model, spec.trainable)
+    frozen = Frozen(graphdef=graphdef, parts=frozen_parts, reference=None)
+    settings = StepSettings(method=spec, loss=LossConfig(), q=1.0, threshold=1.2)
+    optim = OptimConfig()
+    tx = make_optimizer(group_learning_rates(spec, optim), optim)
+    return settings, tx, init_state(trainable, tx), frozen
