@@ -111,17 +111,17 @@ def merge_model(graphdef, trainable: dict, frozen: dict):
     return nnx.merge(graphdef, *[states[k] for k in order if k in states])
 
 
-def _concat(batch: Batch, key: str) -> jax.Array:
-    return jnp.concatenate([batch["forget"][key], batch["retain"][key]], axis=0)
+def _concat(batch: Batch, key: str, sides=("forget", "retain")) -> jax.Array:
+    return jnp.concatenate([batch[s][key] for s in sides], axis=0)
 
 
-def score_positions(batch: Batch) -> jax.Array:
-    """``int32[2B, A]``: the logit positions a loss scores (``data.batching.bucket_batch``), or
-    every position ``0..T-2`` when the batch carries none (then ``A = T - 1``: the full-logits
-    computation, kept for callers that build batches by hand)."""
-    if "score_pos" in batch["forget"]:
-        return _concat(batch, "score_pos")
-    ids = _concat(batch, "input_ids")
+def score_positions(batch: Batch, sides=("forget", "retain")) -> jax.Array:
+    """``int32[N, A]``: the logit positions a loss scores (``data.batching.bucket_batch``) of the
+    rows of ``sides`` stacked, or every position ``0..T-2`` when the batch carries none (then
+    ``A = T - 1``: the full-logits computation, kept for callers that build batches by hand)."""
+    if "score_pos" in batch[sides[0]]:
+        return _concat(batch, "score_pos", sides)
+    ids = _concat(batch, "input_ids", sides)
     return jnp.broadcast_to(jnp.arange(ids.shape[1] - 1, dtype=jnp.int32), (ids.shape[0], ids.shape[1] - 1))
 
 
@@ -277,7 +277,8 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
     ``max(0, IHL_t − 1 + m)``: both beyond the spec], or with ``loss.forget_target = "idk"`` the
     mean NLL over every answer token of the forget rows, whose answers are then "I don't know"
     answers (the loop swaps them in); ``L_retain`` = mean NLL (or KL) over retain answer tokens.
-    ``weights``: the accumulation weight per term (module doc; the metrics stay unweighted)."""
+    ``weights``: the accumulation weight per term (module doc). Returns ``(total, (metrics, parts))``:
+    the accumulation-weighted total, the metrics, and the terms scaled by β, γ, μ without weights."""
     lc = settings.loss
     f = ts.is_forget.astype(jnp.float32)[:, None]
     if lc.forget_target == "idk":  # beyond the paper: the forget rows carry an "I don't know" answer, learnt
@@ -300,24 +301,30 @@ def alter_b_terms(stats, router_logits, ts: TokenSets, expert, settings: StepSet
         # every real token is routed at inference, prompt included: train the router on all of them
         tgt = jnp.broadcast_to(expert[:, None], ts.real.shape)
         route = sum(L.router_cross_entropy(r, tgt, ts.real) for r in router_logits) / len(router_logits)
-    w = weights or {}
-    total = lc.beta * w.get("forget", 1.0) * forget + lc.gamma * w.get("retain", 1.0) * retain \
-        + lc.mu_route * w.get("route", 1.0) * route
+    parts = {"forget": lc.beta * forget, "retain": lc.gamma * retain, "route": lc.mu_route * route}
     if extra:
-        total = total + lc.beta * w.get("forget_high", 1.0) * lc.forget_high_nll * extra["forget_high_nll"]
+        parts["forget_high"] = lc.beta * lc.forget_high_nll * extra["forget_high_nll"]
     name = "forget_idk_nll" if lc.forget_target == "idk" else "forget_ihl"
-    return total, {name: forget, "retain": retain, "route": route, **extra}
+    return _weighted_sum(parts, weights), ({name: forget, "retain": retain, "route": route, **extra}, parts)
+
+
+def _weighted_sum(parts: dict, weights: dict | None):
+    """``Σ_t w_t·parts_t`` (``Σ_t parts_t`` without accumulation weights; a term the method does
+    not train, e.g. an absent router's, has no count and keeps weight 1)."""
+    return sum(parts.values()) if weights is None else sum(weights.get(t, 1.0) * v for t, v in parts.items())
 
 
 def alter_a_terms(stats, ts: TokenSets, settings: StepSettings, weights=None):
     """L_A (NLL on high-entropy tokens) + λ·drift penalty (owner: shared A), from the per-token
-    statistics at the scored positions (both means over the high-entropy tokens: one weight)."""
+    statistics at the scored positions (both means over the high-entropy tokens: one weight).
+    Returns ``(total, (metrics, unweighted total))``."""
     lc = settings.loss
     la = L.nll_from_log_likelihood(stats["logp"], ts.high)
     struct_ = jnp.zeros((), jnp.float32)
     if lc.struct_penalty == "drift":
         struct_ = L.entropy_drift_penalty(stats["entropy"], ts.base_entropy, ts.high)
-    return (weights or {}).get("a", 1.0) * (la + lc.lambda_struct * struct_), {"nll_high": la, "struct": struct_}
+    plain = la + lc.lambda_struct * struct_
+    return _weighted_sum({"a": plain}, weights), ({"nll_high": la, "struct": struct_}, plain)
 
 
 def struct_grad_penalty(a_state, trainable, frozen: "Frozen", ids, mask, expert, ts: TokenSets, settings: StepSettings):
@@ -357,14 +364,16 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
                            ref=ref), trainable
     )
     weights = batch.get("weights")
-    (lb, mb), (d_stats_b, d_router) = jax.value_and_grad(
+    (_, (mb, parts_b)), (d_stats_b, d_router) = jax.value_and_grad(
         lambda st, rl: alter_b_terms(st, rl, ts, expert, settings, weights), argnums=(0, 1), has_aux=True
     )(stats, router_logits)
     (grads,) = pullback((d_stats_b, d_router))
     grads = {g: grads[g] for g in trainable if g != "shared_a"}
-    la, ma = jnp.zeros((), jnp.float32), {}
+    loss, ma = sum(parts_b.values()), {}  # the metrics' loss is unweighted
     if "shared_a" in trainable:
-        (la, ma), d_stats_a = jax.value_and_grad(lambda st: alter_a_terms(st, ts, settings, weights), has_aux=True)(stats)
+        (_, (ma, plain_a)), d_stats_a = jax.value_and_grad(lambda st: alter_a_terms(st, ts, settings, weights),
+                                                           has_aux=True)(stats)
+        loss = loss + plain_a
         zeros_r = [jnp.zeros_like(r) for r in router_logits]
         (grads_a,) = pullback((d_stats_a, zeros_r))
         grads["shared_a"] = grads_a["shared_a"]
@@ -373,12 +382,7 @@ def alter_grads(trainable, frozen: Frozen, batch: Batch, settings: StepSettings)
                 trainable["shared_a"], trainable, frozen, ids, mask, expert, ts, settings)
             w_a = term_weight(batch, "a")  # the squared norm of a mean: weighted as its tokens, not exact
             grads["shared_a"] = jax.tree_util.tree_map(lambda g, p: g + w_a * p, grads["shared_a"], g_pen)
-            la, ma = la + pen, {**ma, "struct": pen / max(settings.loss.lambda_struct, 1e-12)}
-    loss = lb + la
-    if weights is not None:  # the metrics' loss is unweighted (the same terms again: XLA shares them)
-        loss = alter_b_terms(stats, router_logits, ts, expert, settings)[0]
-        if "shared_a" in trainable:
-            loss = loss + ma["nll_high"] + settings.loss.lambda_struct * ma["struct"]
+            loss, ma = loss + pen, {**ma, "struct": pen / max(settings.loss.lambda_struct, 1e-12)}
     metrics = {"loss": loss, **mb, **ma, "high_frac": jnp.sum(ts.high) / jnp.maximum(jnp.sum(ts.answer), 1.0)}
     return loss, metrics, grads
 
@@ -403,16 +407,11 @@ def alter_isolated_loss(trainable, frozen: Frozen, batch: Batch, settings: StepS
                                 scoring=scoring, ref=ref)
     stats_a, _ = forward(frozen.graphdef, tr_a, frozen.parts, ids, mask, ctx, sow_router=sow, ts=ts, scoring=scoring,
                          ref=ref)
-    _, mb = alter_b_terms(stats_b, router_b, ts, expert, settings)
-    _, ma = alter_a_terms(stats_a, ts, settings)
+    _, (_, b_parts) = alter_b_terms(stats_b, router_b, ts, expert, settings)
+    _, (_, a_plain) = alter_a_terms(stats_a, ts, settings)
     lc = settings.loss
-    parts = {
-        "forget": lc.beta * (mb["forget_idk_nll" if lc.forget_target == "idk" else "forget_ihl"]
-                             + lc.forget_high_nll * mb.get("forget_high_nll", 0.0)),
-        "retain": lc.gamma * mb["retain"],
-        "route": lc.mu_route * mb["route"],
-        "a": ma["nll_high"] + lc.lambda_struct * ma["struct"],
-    }
+    parts = {"forget": b_parts["forget"] + b_parts.get("forget_high", 0.0), "retain": b_parts["retain"],
+             "route": b_parts["route"], "a": a_plain}
     if lc.struct_penalty == "grad" and "shared_a" in trainable:
         parts["a"] = parts["a"] + struct_grad_penalty(trainable["shared_a"], tr_a, frozen, ids, mask, expert, ts, settings)
     return sum(parts[t] for t in terms)
@@ -475,13 +474,8 @@ def idk_loss(trainable, frozen: Frozen, batch: Batch, settings: StepSettings):
     dpo = spec.forget_loss == "idk_dpo"
     sides = ("forget", "retain", "idk") if dpo else ("retain", "idk")
     n = {s: batch[s]["input_ids"].shape[0] for s in sides}
-    cat = lambda key: jnp.concatenate([batch[s][key] for s in sides], axis=0)  # noqa: E731
-    ids, mask, labels = cat("input_ids"), cat("attention_mask"), cat("labels")
-    if "score_pos" in batch["idk"]:
-        pos = cat("score_pos")
-    else:
-        pos = jnp.broadcast_to(jnp.arange(ids.shape[1] - 1, dtype=jnp.int32), (ids.shape[0], ids.shape[1] - 1))
-    ts = token_sets(labels, None, 0, settings, mask, pos)
+    ids, mask, labels = (_concat(batch, k, sides) for k in ("input_ids", "attention_mask", "labels"))
+    ts = token_sets(labels, None, 0, settings, mask, score_positions(batch, sides))
     start, rows = 0, {}
     for s in sides:
         rows[s] = jnp.zeros((ids.shape[0],), jnp.float32).at[start:start + n[s]].set(1.0)[:, None]
@@ -595,8 +589,8 @@ def term_counts(batch: Batch, settings: StepSettings) -> dict[str, jax.Array]:
         return {"forget": examples(scored * f), "retain": examples(scored * (1 - f))}
     if spec.forget_loss in ("idk_nll", "idk_dpo"):  # the forget term reads the idk answers (row-aligned)
         idk = batch["idk"]
-        pos = idk["score_pos"] if "score_pos" in idk else None
-        idk_answer = token_sets(idk["labels"], None, 0, settings, idk["attention_mask"], pos).answer
+        idk_answer = token_sets(idk["labels"], None, 0, settings, idk["attention_mask"],
+                                score_positions(batch, ("idk",))).answer
         if spec.forget_loss == "idk_nll":
             forget = tokens(idk_answer)
         else:  # DPO's per-example mean over rows where both answers have tokens
