@@ -1,153 +1,239 @@
-"""The SmolLM2 TOFU study: data subset, report assembly (from synthetic logs), speed ratios, and
-(slow, ``--runslow``) the ``--quick`` end-to-end run on the real SmolLM2-135M-Instruct."""
+"""The powered SmolLM2 TOFU study (issue 16): data design, selection rule, Pareto verdict, stage
+records and resume, the report's keys and plots (from synthetic stage records), and (slow,
+``--runslow``) the ``--quick`` end-to-end run on the real SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from alter_jax.study import tofu_smollm2 as S
 
 
-def test_build_data_writes_a_tofu_layout_subset(tofu_dir, tmp_path):
-    cfg = S.StudyConfig(tofu_dir=str(tofu_dir), forget_per_author=3, retain_rows=5, eval_rows=2)
-    counts = S.build_data(cfg, tmp_path)
-    assert counts["forget"] == 6 and counts["retain"] == 5 and counts["full"] == 11
-    assert counts["retain_perturbed"] == counts["real_authors_perturbed"] == counts["world_facts_perturbed"] == 2
-    from alter_jax.data.tofu import load_tofu_split
+def test_data_design_authors_and_disjoint_eval_slices(tofu_dir, tmp_path):
+    from alter_jax.data.tofu import author_blocks, load_tofu_split
 
-    forget = load_tofu_split("forget_perturbed", str(tmp_path))
-    # 3 rows of each of forget01's two authors (rows 0-19 and 20-39)
-    src = load_tofu_split("forget01_perturbed", str(tofu_dir))
-    assert [r["question"] for r in forget] == [r["question"] for r in src[:3] + src[20:23]]
-    assert set(load_tofu_split("forget", str(tmp_path))[0]) == {"question", "answer"}
-
-
-def _fake_logs(folder: Path, rng, shift: float, fluency: bool = False) -> None:
-    """The four legacy logs with the keys :func:`alter_jax.eval.tofu.aggregate` reads."""
-    def keyed(v):
-        return {str(i): x for i, x in enumerate(v)}
-
-    folder.mkdir(parents=True)
-    for name, n, k in (("eval_log_forget", 6, 5), ("eval_log", 4, 5), ("eval_real_author_wo_options", 4, 3),
-                       ("eval_real_world_wo_options", 4, 3)):
-        log = {"avg_gt_loss": keyed((rng.uniform(0.5, 1.5, n) + shift).tolist()),
-               "rougeL_recall": keyed(rng.uniform(0.2, 0.9, n).tolist()),
-               "avg_paraphrased_loss": keyed((rng.uniform(0.5, 1.5, n) + shift).tolist()),
-               "average_perturb_loss": keyed(rng.uniform(1.5, 2.5, (n, k)).tolist())}
-        if fluency and name in ("eval_log_forget", "eval_log"):  # what evaluate_split writes with generation
-            gens = (["..........", "I do not know that."] * n)[:n]
-            log["generated_text"] = keyed([[f"q{i}", g, f"gt{i}"] for i, g in enumerate(gens)])
-            log["degenerate"] = keyed([1.0 if g.startswith(".") else 0.0 for g in gens])
-            log["rep_4"] = keyed([0.0] * n)
-            log["distinct_1"] = log["distinct_2"] = keyed([1.0] * n)
-            log["generated_ppl"] = keyed([None if g.startswith(".") else 4.0 for g in gens])
-        (folder / f"{name}.json").write_text(json.dumps(log))
-    (folder / "summary.json").write_text(json.dumps({"eval_wall_s": 1.0}))
-    (folder / "paraphrase.json").write_text(json.dumps({"rougeL_recall": [0.5, 0.25], "generated": ["a", "b"]}))
+    cfg = S.StudyConfig(tofu_dir=str(tofu_dir))
+    counts = S.build_data(cfg, tmp_path / "data")
+    assert counts["forget"] == 40 and counts["retain"] == 160 and counts["full"] == 200 and counts["holdout"] == 40
+    for k in ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
+        assert counts[k] == 40 and counts["val_" + k] == 40
+    rd, vd = tmp_path / "data", tmp_path / "data_val"
+    q = lambda split, d=rd: [r["question"] for r in load_tofu_split(split, str(d))]  # noqa: E731
+    # forget = forget01's two authors, all 20 rows each, with perturbed answers for the truth ratio
+    assert q("forget_perturbed") == [r["question"] for r in load_tofu_split("forget01_perturbed", str(tofu_dir))]
+    blocks = author_blocks(load_tofu_split("full", str(tofu_dir)))
+    assert q("retain") == [r["question"] for a in range(8) for r in blocks[a]]
+    # the holdout authors are unseen by every model; reported and validation utility rows are disjoint
+    assert not set(q("holdout")) & set(q("full"))
+    assert q("holdout") == [r["question"] for a in (8, 9) for r in blocks[a]]
+    for split in ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
+        assert not set(q(split)) & set(q(split, vd)), split
+    assert set(q("retain_perturbed")) | set(q("retain_perturbed", vd)) <= set(q("retain"))
+    assert q("forget_perturbed", vd) == q("forget_perturbed")  # Forget Quality: the same forget rows
 
 
-def test_report_from_finished_stages(tmp_path):
-    rng = np.random.default_rng(0)
-    work = tmp_path / "work"
-    cfg = S.StudyConfig(work_dir=str(work), out_dir=str(tmp_path / "out"), methods=("alter", "ga"),
-                        variants=(("alter_lr3e-3", "alter", (("lr_lora", 3e-3),)),))
-    (work / "data").mkdir(parents=True)
-    (work / "data" / "counts.json").write_text(json.dumps({"forget": 6, "retain": 4}))
-    for name, shift in (("untouched", 1.0), ("full", 0.0), ("retain", 1.0), ("alter", 1.0), ("alter_lr3e-3", 1.0)):
-        _fake_logs(work / "eval" / name, rng, shift, fluency=name != "alter_lr3e-3")
-    for name in ("full", "retain"):
-        (work / "models" / name).mkdir(parents=True)
-        (work / "models" / name / "finetune.json").write_text(json.dumps({"wall_s": 12.0}))
-    for name in ("alter", "alter_lr3e-3"):
-        (work / "runs" / name).mkdir(parents=True)
-        (work / "runs" / name / "report.json").write_text(json.dumps({"wall_s": 34.0}))
-    speed = S.speed_summary({"tokens_per_s": 100.0, "epoch_s": 10.0, "first_step_s": 5.0},
-                            {"tokens_per_s": 80.0, "epoch_s": 12.5, "first_step_s": 9.0},
-                            {"tokens_per_s": 50.0, "epoch_s": 20.0, "first_step_s": 1.0})
-    assert speed["ours_over_torch_time"] == pytest.approx(0.5) and speed["alter_over_lora_time"] == pytest.approx(1.25)
-    (work / "speed.json").write_text(json.dumps(speed))
-
-    rep = S.write_report(cfg, work, "bin/study tofu-smollm2")
-    assert rep["missing"] == ["ga"]  # the unfinished method is named, the rest reported
-    assert rep["retain"]["forget_quality"] == pytest.approx(1.0)  # the retain model against itself
-    a = rep["methods"]["alter"]
-    for key in ("forget_quality", "model_utility", "forget_rouge", "paraphrase_rouge", "wall_s"):
-        assert a[key] is not None, key
-    assert a["paraphrase_rouge"] == pytest.approx(0.375) and a["wall_s"] == 34.0
-    assert a["mu_over_full"] == pytest.approx(a["model_utility"] / rep["full"]["model_utility"])
-    out = tmp_path / "out"
-    assert json.loads((out / "report.json").read_text())["methods"]["alter"]["wall_s"] == 34.0
-    md = (out / "report.md").read_text()
-    assert "| alter |" in md and "Stages not finished: ga" in md and "0.50 (goal ≤ 0.7)" in md
-    # the variant is reported beside (not among) the methods, with its override
-    v = rep["variants"]["alter_lr3e-3"]
-    assert v["method"] == "alter" and v["overrides"] == {"lr_lora": 3e-3} and "alter_lr3e-3" not in rep["methods"]
-    assert "| alter_lr3e-3 |" in md and "`alter_lr3e-3`: alter with {'lr_lora': 0.003}" in md
-    assert (out / "fq_vs_mu.png").stat().st_size > 1000
-    # issue 19: fluency next to FQ (3 of 6 forget answers degenerate; ppl over the non-empty ones), "—" where
-    # the logs predate it, and example answers of each method's best setting
-    assert a["forget_degenerate"] == pytest.approx(0.5) and a["forget_gen_ppl"] == pytest.approx(4.0)
-    assert a["retain_degenerate"] == pytest.approx(0.5) and v["forget_degenerate"] is None
-    assert "forget degenerate | forget gen. ppl" in md
-    row = next(l for l in md.splitlines() if l.startswith("| alter |"))
-    assert "| 0.500 | 4.000 | 0.500 | 4.000 |" in row
-    assert "## Example answers" in md and "| forget | .......... | gt0 |" in md and "| retain | I do not know that. | gt1 |" in md
+def test_authors_without_perturbed_answers_are_a_clear_error(tofu_dir, tmp_path):
+    cfg = S.StudyConfig(tofu_dir=str(tofu_dir), retain_authors=(50,))
+    with pytest.raises(ValueError, match="no perturbed answers.*retain_authors from 0-19"):
+        S.build_data(cfg, tmp_path / "data")
 
 
-def test_variants_override_one_setting_and_bad_ones_are_named():
-    cfg = S.StudyConfig(methods=("alter",), variants=(("a2", "alter", (("alter_threshold", 0.6),)),))
-    specs = S.run_specs(cfg)
-    assert list(specs) == ["alter", "a2"]
-    method, vcfg, ov = specs["a2"]
-    assert method == "alter" and vcfg.alter_threshold == 0.6 and vcfg.lr_lora == cfg.lr_lora and ov == {"alter_threshold": 0.6}
-    run = S.run_config(vcfg, "alter", Path("m"), Path("d"), Path("o"))
-    assert run.entropy.value == 0.6 and run.train.epochs == cfg.unlearn_epochs  # same budget
-    with pytest.raises(ValueError, match="unknown fields \\['lr_bogus'\\]"):
-        S.run_specs(S.StudyConfig(variants=(("x", "alter", (("lr_bogus", 1.0),)),)))
-    with pytest.raises(ValueError, match="choose from"):
-        S.run_specs(S.StudyConfig(variants=(("x", "nope", ()),)))
+def test_selection_rule_keeps_the_utility_floor_and_falls_back_flagged():
+    pts = [{"forget_quality": 0.5, "model_utility": 0.80},   # forgets most but loses utility (0.8 < 0.9)
+           {"forget_quality": 0.1, "model_utility": 0.95},
+           {"forget_quality": 0.1, "model_utility": 0.99},   # tie on FQ: the higher utility wins
+           {"forget_quality": 0.01, "model_utility": 1.00}]
+    assert S.selection(pts, 1.0, 0.9) == (2, True)
+    low = [{"forget_quality": 0.5, "model_utility": 0.5}, {"forget_quality": 0.01, "model_utility": 0.85}]
+    i, kept = S.selection(low, 1.0, 0.9)
+    assert (i, kept) == (0, False)  # hmean(0.5, 0.5) = 0.5 > hmean(0.01, 0.85)
+    with pytest.raises(ValueError, match="no sweep points"):
+        S.selection([], 1.0, 0.9)
 
 
-def test_cli_options_build_the_config(tofu_dir):
+def test_pareto_frontier_and_verdict():
+    assert S.pareto_frontier([(0.9, 0.1), (1.0, 0.05), (0.95, 0.02), (0.92, 0.3)]) == [(1.0, 0.05), (0.92, 0.3)]
+    assert S.frontier_at([(1.0, 0.05), (0.92, 0.3)], 0.95) == 0.05 and S.frontier_at([(0.9, 0.1)], 0.95) == 0.0
+    above = {"alter": [(1.0, 0.2), (0.93, 0.5)], "ga": [(0.99, 0.1), (0.92, 0.4), (0.5, 0.9)]}
+    v = S.pareto_verdict(above, 0.9)
+    assert v["met"] is True and v["per_baseline"]["ga"]["baseline_best_fq"] == 0.4  # the point at MU 0.5 is ignored
+    below = {"alter": [(1.0, 0.2)], "ga": [(0.95, 0.4)]}
+    v = S.pareto_verdict(below, 0.9)
+    assert v["met"] is False and v["per_baseline"]["ga"]["alter_below_at_mu"] == [0.95]
+    assert S.pareto_verdict({"ga": [(1.0, 0.1)]}, 0.9)["met"] is None
+
+
+def test_settings_names_and_run_configs_share_the_budget():
+    cfg = S.StudyConfig()
+    sweep = S.lr_sweep(cfg, "alter")
+    assert [s.lr for s in sweep] == list(cfg.lrs_lora) and [s.lr for s in S.lr_sweep(cfg, "npo")] == list(cfg.lrs_full)
+    var = S.alter_variants(sweep[1])
+    assert [v.name for v in var] == ["alter_lr0.001_thr0.5", "alter_lr0.001_q2", "alter_lr0.001_N3", "alter_lr0.001_rb0"]
+    assert sweep[1].with_seed(2).name == "alter_lr0.001_s2"
+    runs = [S.run_config(cfg, s, Path("m"), Path("d"), Path("o")) for s in (sweep[0], *var, S.lr_sweep(cfg, "ga")[0])]
+    assert {(r.train.epochs, r.train.batch_size) for r in runs} == {(cfg.unlearn_epochs, cfg.unlearn_batch)}
+    assert runs[1].entropy.value == 0.5 and runs[2].entropy.q == 2.0 and runs[3].data.num_subdomains == 3
+    assert runs[4].adapter.retain_bias == 0.0 and runs[-1].optim.lr == 1e-5
+    p = S.plan(cfg)
+    assert p["scale"] == {"forget_rows": 40, "retain_rows": 160, "unlearn_steps": 50, "runs": 31 + 2 * 9,
+                          "seeds": [0, 1, 2]}
+    assert len(p["stages"]) == 2 + 9 and p["total_minutes"] > 0 and "mu_floor" in p["selection_rule"]
+
+
+# --------------------------------------------------------------------------- report from records
+def _fig(fq, mu, deg=0.0, ppl=5.0):
+    return {"forget_quality": fq, "model_utility": mu, "mu_parts": {"Retain ROUGE": mu}, "forget_prob": 0.3,
+            "forget_rouge": 0.4, "forget_truth_ratio": 0.6, "forget_truth_ratio_prob_mean": 0.5,
+            "extraction_strength": 0.2, "exact_memorization": 0.7, "privleak": -10.0, "mia_min_k_auc": 0.4,
+            "retain_rouge": 0.8, "forget_degenerate": deg, "forget_gen_ppl": ppl, "retain_degenerate": 0.0,
+            "retain_gen_ppl": 4.0, "paraphrase_rouge": 0.3, "eval_wall_s": 1.0,
+            "examples": {"forget": [["q0", "..........", "gt0"]], "retain": [["q1", "Jane wrote it.", "gt1"]]}}
+
+
+def _write_records(cfg, stages: Path, methods_fq: dict[str, list[float]], with_relearn=True, seeds=True):
+    stages.mkdir(parents=True, exist_ok=True)
+    put = lambda name, obj: (stages / f"{name}.json").write_text(json.dumps(obj))  # noqa: E731
+    put("eval_full", _fig(0.01, 0.50))
+    put("eval_retain", _fig(1.0, 0.45, ppl=6.0))
+    put("eval_untouched", _fig(0.9, 0.30))
+    put("val_full", _fig(0.01, 0.50))
+    for m, fqs in methods_fq.items():
+        pts = S.lr_sweep(cfg, m)
+        for s, fq in zip(pts, fqs):
+            put(f"val_{s.name}", _fig(fq, 0.47))
+            put(f"run_{s.name}", {"wall_s": 30.0})
+        best = pts[max(range(len(pts)), key=lambda i: fqs[i])]
+        if m == "alter":
+            for v in S.alter_variants(best):
+                put(f"val_{v.name}", _fig(0.001, 0.40))  # below the floor: never selected
+        for seed in cfg.seeds if seeds else ():
+            put(f"eval_{best.with_seed(seed).name}", _fig(max(fqs) * (1 + 0.1 * seed), 0.46 + 0.01 * seed, deg=0.5))
+        if with_relearn:
+            put(f"relearn_{m}", {"curve": [{"steps": k, "forget_prob": 0.1 + 0.05 * k * (m != "alter"),
+                                            "forget_rouge": 0.2} for k in cfg.relearn_steps],
+                                 "base": {"prob": 0.9, "rouge_l_recall": 0.8}})
+
+
+def test_report_json_keys_goal_and_plots_from_stage_records(tmp_path):
+    cfg = S.StudyConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), methods=("alter", "ga", "npo"))
+    _write_records(cfg, tmp_path / "out" / "stages", {"alter": [0.02, 0.2, 0.1], "ga": [0.01, 0.05, 0.08],
+                                                      "npo": [0.01, 0.02, 0.03]})
+    (tmp_path / "out" / "stages.jsonl").write_text(json.dumps({"stage": "x", "wall_s": 120.0}) + "\n")
+    rep = S.collect(cfg, tmp_path / "out")
+    rep["command"] = "bin/study tofu-smollm2"
+    S.write_report(cfg, tmp_path / "out", rep)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    sc = saved["scale"]
+    assert (sc["forget_rows"], sc["retain_rows"], sc["seeds"], sc["unlearn_steps"]) == (40, 160, [0, 1, 2], 50)
+    assert sc["eval_rows"]["retain"] == sc["eval_rows"]["real_authors"] == 40
+    for name in ("full", "retain", "untouched"):
+        assert saved[name]["forget_quality"] is not None
+    a = saved["methods"]["alter"]
+    assert len(a["sweep"]) == 3 + 4 and a["best"]["name"] == "alter_lr0.001"  # FQ 0.2 at MU 0.94 of full
+    b = a["best"]
+    assert b["setting"] == {"method": "alter", "lr": 1e-3, "num_subdomains": 2, "retain_bias": 2.0, "threshold": 0.3,
+                            "q": 1.0}
+    assert b["seeds"] == [0, 1, 2]
+    assert b["forget_quality_mean"] == pytest.approx(0.22) and b["forget_quality_std"] == pytest.approx(0.02)
+    assert b["model_utility_mean"] == pytest.approx(0.47) and b["model_utility_std"] == pytest.approx(0.01)
+    assert b["privleak"] == pytest.approx(-10.0) and b["extraction_strength"] == pytest.approx(0.2)
+    assert b["relearn"][0] == {"steps": 0, "forget_prob": 0.1, "forget_rouge": 0.2}
+    g = saved["goal"]
+    assert g["alter_fq_mu"]["met"] is True and g["pareto"]["met"] is True
+    assert g["relearn"] == {"met": True, "best_baseline": "ga", "k": 10, "alter_forget_prob": 0.1,
+                            "baseline_forget_prob": pytest.approx(0.6)}
+    assert g["met"] is True and saved["missing"] == [] and saved["compute_minutes"] == pytest.approx(2.0)
+    # issue 19: ALTER's forget answers degenerate half the time: the fluency goal is not met
+    assert g["fluency"]["met"] is False and g["fluency"]["retain_forget_gen_ppl"] == 6.0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| alter | `alter_lr0.001` | 3 | 0.220 ± 0.020 |" in md
+    assert "`alter_lr0.001_q2`" in md and "**(best)**" in md and "| alter | 0.100 / 0.200 |" in md
+    assert "- overall: met" in md and "| forget | .......... | gt0 |" in md
+    for png in ("fq_vs_mu.png", "relearn.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 5000
+
+
+def test_report_names_unfinished_stages_and_undecided_goals(tmp_path):
+    cfg = S.StudyConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), methods=("alter", "ga"))
+    stages = tmp_path / "out" / "stages"
+    _write_records(cfg, stages, {"ga": [0.01, 0.05, 0.08]}, with_relearn=False)
+    (stages / f"val_{S.lr_sweep(cfg, 'alter')[0].name}.json").write_text(json.dumps(_fig(0.1, 0.49)))
+    rep = S.collect(cfg, tmp_path / "out")
+    assert rep["missing"] == ["alter (sweep 1/7)", "ga (seeds / relearning)"]
+    assert rep["methods"]["alter"]["best"] is None and rep["goal"]["met"] is None
+    rep["command"] = "x"
+    S.write_report(cfg, tmp_path / "out", rep)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Stages not finished: alter (sweep 1/7)" in md and "not decided (stages missing)" in md
+
+
+def test_finished_stages_are_skipped_and_max_minutes_stops(tmp_path):
+    cfg = S.StudyConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), methods=("ga",))
+    _write_records(cfg, tmp_path / "out" / "stages", {"ga": [0.01, 0.05, 0.08]})
+    st = S.Study(cfg, "x", log=lambda *_: None)
+
+    def boom():
+        raise AssertionError("a finished stage ran again")
+    assert st.eval_stage("full", boom, True)["model_utility"] == 0.5
+    # every record of ga exists: the method stage only reads them (no model, run or data folder exists)
+    assert st.method_stage("ga", 0.5) is True
+    # a new stage after the time limit is not started
+    for f in (tmp_path / "out" / "stages").glob("eval_ga_*"):
+        f.unlink()
+    st2 = S.Study(S.StudyConfig(**{**S.dataclasses.asdict(cfg), "max_minutes": 1e-9}), "x", log=lambda *_: None)
+    assert st2.method_stage("ga", 0.5) is False
+
+
+def test_stage_log_and_records_are_written(tmp_path):
+    cfg = S.StudyConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
+    st = S.Study(cfg, "x", log=lambda *_: None)
+    st.save("val_x", {"a": 1}, 12.5)
+    st.save("val_y", {"a": 2}, 7.5)
+    assert st.record("val_x") == {"a": 1} and st.record("nope") is None
+    assert S._stage_minutes(tmp_path / "out") == pytest.approx(20.0 / 60)
+
+
+def test_cli_options_build_the_config(tofu_dir, capsys):
     import argparse
 
     p = argparse.ArgumentParser()
     S.add_arguments(p)
-    cfg = S.config_from_args(p.parse_args(["--quick", "--tofu-dir", str(tofu_dir), "--methods", "ga,alter"]))
-    assert cfg.methods == ("ga", "alter") and cfg.unlearn_epochs == 1 and cfg.forget_per_author == 2
-    assert cfg.variants == ()  # --quick runs no variants
-    full = S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--no-variants"]))
-    assert full.variants == () and full.unlearn_epochs == S.StudyConfig().unlearn_epochs
+    cfg = S.config_from_args(p.parse_args(["--quick", "--tofu-dir", str(tofu_dir), "--methods", "ga,alter",
+                                           "--max-minutes", "30"]))
+    assert cfg.methods == ("ga", "alter") and cfg.unlearn_epochs == 1 and cfg.rows_per_author == 2
+    assert cfg.max_minutes == 30.0
     with pytest.raises(SystemExit, match="unknown nope"):
         S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--methods", "nope"]))
-
-
-@pytest.mark.slow
-def test_quick_study_end_to_end(tofu_dir, tmp_path):
-    """~3.5 min on 2 CPU cores (compiles dominate): every stage once at the tiny scale."""
-    cfg = S.quick_config(tofu_dir=str(tofu_dir), work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "o"),
-                         methods=("lora_gd",))
-    rep = S.run_study(cfg, log=lambda *_: None)
-    assert rep["missing"] == []
-    for e in (rep["untouched"], rep["full"], rep["retain"], rep["methods"]["lora_gd"]):
-        assert 0.0 <= e["forget_rouge"] <= 1.0 and e["forget_quality"] is not None
-    sp = rep["speed"]
-    assert sp["torch_lora_gd"]["real_tokens_epoch"] == sp["ours_lora_gd"]["real_tokens_epoch"] > 0
-    # a rerun finds every stage done and only rewrites the report
-    t = (tmp_path / "w" / "eval" / "full" / "summary.json").stat().st_mtime
-    S.run_study(cfg, log=lambda *_: None)
-    assert (tmp_path / "w" / "eval" / "full" / "summary.json").stat().st_mtime == t
+    assert S.main(["--plan", "--tofu-dir", str(tofu_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "alter: 7 sweep runs + 2 seeds + relearning" in out and "total (estimate)" in out
 
 
 def test_model_utility_that_one_zero_part_forces_is_named_not_printed_as_zero():
     """issue 14: at --quick scale a harmonic mean with one zero part read 'MU 0.000' for every model."""
-    from alter_jax.study.tofu_smollm2 import mu_text
+    assert S.mu_text(0.0, {"Retain ROUGE": 0.5, "World Facts ROUGE": 0.0}) == "n/a (World Facts ROUGE = 0)"
+    assert S.mu_text(0.0, {"a": 0.0, "b": 0.0}) == "n/a (a = 0 and more)"
+    assert S.mu_text(0.4567, {"a": 0.3}) == "0.457"
+    assert S.mu_text(None, None) == "—"
 
-    assert mu_text(0.0, {"Retain ROUGE": 0.5, "World Facts ROUGE": 0.0}) == "n/a (World Facts ROUGE = 0)"
-    assert mu_text(0.0, {"a": 0.0, "b": 0.0}) == "n/a (a = 0 and more)"
-    assert mu_text(0.4567, {"a": 0.3}) == "0.457"
-    assert mu_text(None, None) == "—"
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tofu_dir, tmp_path):
+    """Every stage once at the tiny scale on the real SmolLM2 (compiles dominate), then a rerun that
+    finds every stage done."""
+    cfg = S.quick_config(tofu_dir=str(tofu_dir), work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "o"))
+    rep = S.Study(cfg, "bin/study tofu-smollm2 --quick", log=lambda *_: None).run()
+    assert rep["missing"] == []
+    for e in (rep["untouched"], rep["full"], rep["retain"]):
+        assert 0.0 <= e["forget_rouge"] <= 1.0 and e["forget_quality"] is not None
+    for m in cfg.methods:
+        b = rep["methods"][m]["best"]
+        assert b["seeds"] == list(cfg.seeds) and len(b["relearn"]) == len(cfg.relearn_steps)
+        assert b["forget_degenerate_mean"] is not None and b["privleak"] is not None
+    assert len(rep["methods"]["alter"]["sweep"]) == len(cfg.lrs_lora) + len(S.ALTER_OPEN)
+    n = len((tmp_path / "o" / "stages.jsonl").read_text().splitlines())
+    S.Study(cfg, "x", log=lambda *_: None).run()
+    assert len((tmp_path / "o" / "stages.jsonl").read_text().splitlines()) == n  # nothing ran again

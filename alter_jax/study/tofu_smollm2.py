@@ -1,23 +1,39 @@
-"""TOFU study on the real pretrained SmolLM2-135M-Instruct (issue 8, items 4 and 5).
+"""The powered TOFU study on the real pretrained SmolLM2-135M-Instruct (issue 16; fluency: issue 19).
 
-Stages (each writes its result to disk; a rerun skips finished stages)::
+Design (``StudyConfig`` holds every number; ``--plan`` prints the stages and their estimated time):
 
-    data        a TOFU-layout subset folder: forget = forget01 (2 fictitious authors), retain = the first
-                ``retain_rows`` rows of retain_perturbed (= retain90's first authors), eval subsets of
-                retain / real authors / world facts
-    eval/untouched   the untouched SmolLM2 on the whole TOFU metric set
-    models/full      full fine-tuning (every parameter) on forget + retain; models/retain: on retain only
-    eval/full, eval/retain
-    runs/<method>    ``train.loop.unlearn`` from the full model, the same budget for every method
-    eval/<method>    the whole metric set (ALTER / AsymLoRA through the entropy-gated forward)
-    speed.json       one LoRA-GD epoch with transformers + PEFT (padded to the batch's longest) vs
-                     ours (from the lora_gd / alter runs' step log, compile step excluded)
-    report           ``out_dir``/report.json, report.md, fq_vs_mu.png (rewritten after every stage)
+* **Authors** (blocks of 20 rows of TOFU's ``full.json``): forget = authors 198-199 (forget01, 40 rows);
+  retain = authors 0-7 (160 rows, all in ``retain_perturbed``); membership holdout = authors 8-9, which no
+  model here is trained on.
+* **Models**: ``full`` = SmolLM2 fine-tuned (every parameter) on the 200 rows of the 10 authors; ``retain``
+  = the same recipe on the 160 retain rows; ``untouched`` = SmolLM2 itself.
+* **Reported evaluation** (``eval/<name>``): every forget row; rows 0-4 of each retained author (40); real
+  authors rows 0-39 and world facts rows 0-39; greedy answers of 200 new tokens (open-unlearning's budget);
+  the whole metric set of :mod:`alter_jax.eval.tofu` (Forget Quality against the retain model, Model
+  Utility and its 9 parts, ROUGE, truth ratio both ways, Extraction Strength, Exact Memorization, PrivLeak
+  of Min-K% against the holdout authors, fluency) and the ROUGE of answers to the forget rows'
+  ``paraphrased_question``.
+* **Validation evaluation** (``val/<name>``, the selection rule only): the same forget rows (Forget Quality
+  needs no generation), rows 5-9 of each retained author, real authors rows 40-79, world facts rows 40-79:
+  disjoint from the reported utility rows; greedy answers of ``select_new_tokens``.
+* **Methods**: every method gets ``unlearn_epochs`` epochs over the 40 forget rows at batch 4 forget + 4
+  retain (the same number of steps) and a sweep over ``lrs_full`` (full-parameter methods) or ``lrs_lora``
+  (LoRA B / ALTER's experts); ALTER then changes one of the paper's open settings at a time (entropy
+  threshold, q, N, ``retain_bias``) from its selected learning rate.
+* **Selection rule** (``SELECTION_RULE``, written to ``plan.json`` before any run): per method, among its
+  sweep points (seed 0) with validation MU ≥ ``mu_floor`` × the full model's validation MU, the highest
+  Forget Quality (ties: higher validation MU); if none keeps that utility, the highest hmean(FQ, MU/full),
+  flagged. The best setting is then run with every seed in ``seeds`` and evaluated (reported rows).
+* **Relearning attack** on each best setting (seed 0): :func:`alter_jax.eval.relearn.relearn` in ``full``
+  mode (every parameter, the same attacker for every method) on half the forget rows, k ∈ ``relearn_steps``,
+  forget Prob. / ROUGE on the other half.
 
-Metrics (:mod:`alter_jax.eval.tofu`): Model Utility = hmean of Prob./ROUGE/Truth Ratio on retain,
-real authors and world facts; Forget Quality = KS p-value of the forget truth ratios against the
-retain model's; forget ROUGE = mean ROUGE-L recall of greedy answers on the forget rows;
-paraphrase ROUGE = the same for the ``paraphrased_question`` of each forget row.
+Stages run method by method (sweep → selection → seeds → relearning) so that every finished method is
+complete. Each stage writes a small record into ``<out_dir>/stages/`` (committed with the report) and
+appends ``{stage, wall_s}`` to ``stages.jsonl``; a rerun skips stages whose record exists, rebuilding
+only what a later stage needs (the fine-tuned models, a best run's folder) when the work folder was lost.
+``--max-minutes`` stops before a stage that would start after the limit. Big outputs (models, run
+folders, evaluation logs) stay in ``work_dir``; a method's run folders are deleted once it is done.
 """
 
 from __future__ import annotations
@@ -25,14 +41,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-METHODS = ("alter", "lora_gd", "graddiff", "npo_gd", "ga", "npo", "asymlora")
-LORA_METHODS = ("lora_gd", "alter", "asymlora")
+METHODS = ("alter", "asymlora", "lora_gd", "ga", "graddiff", "npo", "npo_gd", "simnpo", "rmu")
+LORA_METHODS = ("alter", "asymlora", "lora_gd")
+SELECTION_RULE = (
+    "Per method, among its sweep points (seed 0) whose validation Model Utility is at least mu_floor x the full "
+    "model's validation Model Utility, the highest Forget Quality (ties: the higher validation MU). If no point "
+    "keeps that utility, the highest hmean(FQ, MU / MU_full), and the method is flagged 'below the utility floor'. "
+    "Validation MU uses retained-author rows 5-9 per author, real-author rows 40-79 and world-fact rows 40-79, none "
+    "of which the reported Model Utility uses. ALTER's one-at-a-time variants start from its selected learning rate "
+    "and compete with its learning-rate points under the same rule.")
+GOAL = ("ALTER's best setting reaches Forget Quality >= 0.05 with Model Utility >= 90 % of full (mean over seeds); "
+        "ALTER's Pareto frontier lies above every baseline's wherever utility is >= 90 % of full; ALTER recovers "
+        "less under relearning than the best baseline (forget Prob. at the largest k).")
+# ALTER's settings the paper leaves open: (label, field, default, variant value)
+ALTER_OPEN = (("thr", "threshold", 0.3, 0.5), ("q", "q", 1.0, 2.0), ("N", "num_subdomains", 2, 3),
+              ("rb", "retain_bias", 2.0, 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,67 +73,49 @@ class StudyConfig:
     tofu_dir: str = "../shared/data/tofu"
     work_dir: str = "runs/study_smollm2"
     out_dir: str = "studies/tofu_smollm2"
-    forget_split: str = "forget01"
-    forget_per_author: int = 8  # 0 = all 20 rows of each forget author
-    retain_rows: int = 16  # rows of retain_perturbed (first author) in the training retain set
-    eval_rows: int = 8  # rows of retain / real authors / world facts evaluated (forget: all)
+    forget_authors: tuple[int, ...] = (198, 199)  # forget01's authors
+    retain_authors: tuple[int, ...] = tuple(range(8))
+    holdout_authors: tuple[int, ...] = (8, 9)
+    rows_per_author: int = 20  # 0 < n <= 20: the first n rows of each author (--quick cuts it)
+    eval_per_author: int = 5  # retained authors: rows [0, n) reported, [n, 2n) validation
+    eval_real_rows: int = 40  # real authors / world facts: rows [0, n) reported, [n, 2n) validation
     max_length: int = 128
-    max_new_tokens: int = 32
-    eval_batch: int = 8
-    ft_epochs: int = 5
+    max_new_tokens: int = 200  # reported answers (open-unlearning's budget)
+    select_new_tokens: int = 48  # validation answers
+    eval_batch: int = 40
+    ft_epochs: int = 3
     ft_lr: float = 2e-4
     ft_batch: int = 8
-    unlearn_epochs: int = 2
+    unlearn_epochs: int = 5
     unlearn_batch: int = 4
-    lr_full: float = 2e-5  # ga, graddiff, npo, npo_gd
-    lr_lora: float = 1e-3  # lora_gd; ALTER / AsymLoRA use lr_b = this, lr_a 1e-5, router 1e-2
-    alter_threshold: float = 0.3  # ALTER: entropy quantile; the top 70 % of answer tokens are high-entropy
+    lrs_full: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
+    lrs_lora: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     methods: tuple[str, ...] = METHODS
-    # extra runs, all reported beside the methods: (run name, method, overrides of the fields above);
-    # same epochs and batch (same budget), other learning rates / entropy threshold
-    variants: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = (
-        ("alter_lr3e-3", "alter", (("lr_lora", 3e-3),)),
-        ("alter_thr0.6", "alter", (("alter_threshold", 0.6),)),
-        ("asymlora_lr3e-3", "asymlora", (("lr_lora", 3e-3),)),
-        ("lora_gd_lr3e-4", "lora_gd", (("lr_lora", 3e-4),)),
-        ("graddiff_lr1e-4", "graddiff", (("lr_full", 1e-4),)),
-        ("npo_gd_lr1e-4", "npo_gd", (("lr_full", 1e-4),)),
-    )
-    torch_speed: bool = True
-    seed: int = 0
+    alter_variants: bool = True
+    seeds: tuple[int, ...] = (0, 1, 2)
+    mu_floor: float = 0.9
+    relearn_steps: tuple[int, ...] = (0, 2, 5, 10)
+    relearn_lr: float = 1e-4
+    max_minutes: float = 0.0  # 0 = no limit
+    keep_runs: bool = False
 
 
-QUICK = dict(forget_per_author=2, retain_rows=4, eval_rows=2, max_new_tokens=8, ft_epochs=1, ft_batch=4,
-             unlearn_epochs=1, unlearn_batch=2, methods=("alter", "lora_gd"), variants=(), work_dir="runs/study_smollm2_quick",
-             out_dir="runs/study_smollm2_quick/out")
+QUICK = dict(rows_per_author=2, eval_per_author=1, eval_real_rows=2, max_length=128, max_new_tokens=8,
+             select_new_tokens=4, eval_batch=8, ft_epochs=1, ft_batch=4, unlearn_epochs=1, unlearn_batch=2,
+             lrs_full=(1e-5,), lrs_lora=(1e-3, 3e-3), methods=("alter", "ga"), seeds=(0, 1), relearn_steps=(0, 1),
+             work_dir="runs/study_smollm2_quick", out_dir="runs/study_smollm2_quick/out")
 
 
 def quick_config(**kw) -> StudyConfig:
-    """The ``--quick`` scale: 4 forget + 4 retain rows, 2 eval rows, 1 epoch, alter + lora_gd."""
+    """The ``--quick`` scale: 2 rows per author, 1 epoch, alter (2 lrs + its variants) and ga, 2 seeds."""
     return StudyConfig(**{**QUICK, **kw})
 
 
-# ----------------------------------------------------------------------------- helpers
-def run_specs(cfg: StudyConfig) -> dict[str, tuple[str, StudyConfig, dict[str, Any]]]:
-    """Every unlearning run: ``name -> (method, settings, overrides)``; the methods first, then the variants."""
-    from alter_jax.train.methods import METHODS as ALL
-
-    out: dict[str, tuple[str, StudyConfig, dict[str, Any]]] = {m: (m, cfg, {}) for m in cfg.methods}
-    fields = {f.name for f in dataclasses.fields(StudyConfig)} - {"variants", "methods"}
-    for name, method, overrides in cfg.variants:
-        ov = dict(overrides)
-        bad = sorted(set(ov) - fields)
-        if method not in ALL or bad or name in out:
-            raise ValueError(f"study variant {name!r}: method {method!r} (choose from {', '.join(ALL)}), "
-                             f"unknown fields {bad} (choose from {', '.join(sorted(fields))}), or a duplicate name")
-        out[name] = (method, dataclasses.replace(cfg, **ov), ov)
-    return out
-
-
+# ----------------------------------------------------------------------------- small helpers
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
     tmp.replace(path)
 
 
@@ -115,60 +127,124 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _fmt(v, p=3):
+    if v is None:
+        return "—"
+    if isinstance(v, float) and (abs(v) < 1e-3 and v != 0):
+        return f"{v:.1e}"
+    return f"{v:.{p}f}" if isinstance(v, float) else str(v)
+
+
+def mu_text(mu: float | None, parts: dict[str, float] | None) -> str:
+    """Model Utility for a table or log line. A harmonic mean is 0 as soon as one part is 0, which at
+    ``--quick`` scale says nothing about the model: then the text names the part (issue 14)."""
+    zero = sorted(k for k, v in (parts or {}).items() if v == 0)
+    if mu == 0 and zero:
+        return f"n/a ({zero[0]} = 0{' and more' if len(zero) > 1 else ''})"
+    return _fmt(mu)
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One unlearning run: the method, its learning rate, ALTER's open settings and the seed."""
+
+    method: str
+    lr: float
+    threshold: float = 0.3
+    q: float = 1.0
+    num_subdomains: int = 2
+    retain_bias: float = 2.0
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        out = f"{self.method}_lr{self.lr:g}"
+        for label, field, default, _ in ALTER_OPEN:
+            v = getattr(self, field)
+            if v != default:
+                out += f"_{label}{v:g}"
+        return out + (f"_s{self.seed}" if self.seed else "")
+
+    def with_seed(self, seed: int) -> "Setting":
+        return dataclasses.replace(self, seed=seed)
+
+    def public(self) -> dict[str, Any]:
+        d = {"method": self.method, "lr": self.lr}
+        if self.method in ("alter", "asymlora"):
+            d.update(num_subdomains=self.num_subdomains, retain_bias=self.retain_bias)
+        if self.method == "alter":
+            d.update(threshold=self.threshold, q=self.q)
+        return d
+
+
+def lr_sweep(cfg: StudyConfig, method: str) -> list[Setting]:
+    """The learning-rate points of one method (seed 0, ALTER's open settings at their defaults)."""
+    lrs = cfg.lrs_lora if method in LORA_METHODS else cfg.lrs_full
+    return [Setting(method, lr) for lr in lrs]
+
+
+def alter_variants(best_lr: Setting) -> list[Setting]:
+    """ALTER's one-at-a-time variants of the paper's open settings, from its selected learning rate."""
+    return [dataclasses.replace(best_lr, **{field: value}) for _, field, _, value in ALTER_OPEN]
+
+
+# ----------------------------------------------------------------------------- data
+def _author_rows(cfg: StudyConfig, blocks, authors) -> list[dict]:
+    return [r for a in authors for r in blocks[a][: cfg.rows_per_author]]
+
+
 def build_data(cfg: StudyConfig, dest: Path) -> dict[str, int]:
-    """Write the TOFU-layout subset folder ``dest`` (forget, forget_perturbed, retain, retain_perturbed,
-    full, real_authors_perturbed, world_facts_perturbed); returns the row counts."""
+    """Write the training / reported-evaluation TOFU-layout folder ``dest`` and the validation folder
+    ``dest/../data_val``; returns the row counts. Training: ``forget`` (40 rows), ``retain`` (160), ``full``
+    (200). Evaluation: ``forget_perturbed``, ``retain_perturbed``, ``real_authors_perturbed``,
+    ``world_facts_perturbed``; ``holdout`` (authors the models never saw)."""
     from alter_jax.data.tofu import author_blocks, load_tofu_split
 
     src = cfg.tofu_dir
-    forget = load_tofu_split(f"{cfg.forget_split}_perturbed", src)
-    if cfg.forget_per_author:
-        forget = [r for block in author_blocks(forget) for r in block[: cfg.forget_per_author]]
-    retain = load_tofu_split("retain_perturbed", src)[: cfg.retain_rows]
-    n_eval = cfg.eval_rows
-    splits = {
-        "forget_perturbed": forget,
-        "forget": [{"question": r["question"], "answer": r["answer"]} for r in forget],
-        "retain": [{"question": r["question"], "answer": r["answer"]} for r in retain],
-        "retain_perturbed": retain[:n_eval],
-        "real_authors_perturbed": load_tofu_split("real_authors_perturbed", src)[:n_eval],
-        "world_facts_perturbed": load_tofu_split("world_facts_perturbed", src)[:n_eval],
+    full = load_tofu_split("full", src)
+    blocks = author_blocks(full)
+    perturbed = {r["question"]: r for r in load_tofu_split("retain_perturbed", src)}
+    perturbed.update({r["question"]: r for r in load_tofu_split("forget01_perturbed", src)})
+    perturbed.update({r["question"]: r for r in load_tofu_split("forget10_perturbed", src)})
+    forget = _author_rows(cfg, blocks, cfg.forget_authors)
+    retain = _author_rows(cfg, blocks, cfg.retain_authors)
+    missing = [r["question"] for r in forget + retain if r["question"] not in perturbed]
+    if missing:
+        raise ValueError(f"study authors: {len(missing)} rows have no perturbed answers in {src} (retain_perturbed / "
+                         f"forget10_perturbed), e.g. {missing[0]!r}; choose retain_authors from 0-19 and forget authors "
+                         "from 180-199")
+    n = cfg.eval_per_author
+    per_author = [[perturbed[r["question"]] for r in blocks[a][: cfg.rows_per_author]] for a in cfg.retain_authors]
+    retain_eval = [r for rows in per_author for r in rows[:n]]
+    retain_val = [r for rows in per_author for r in rows[n:2 * n]]
+    m = cfg.eval_real_rows
+    real, world = load_tofu_split("real_authors_perturbed", src), load_tofu_split("world_facts_perturbed", src)
+    qa = lambda rows: [{"question": r["question"], "answer": r["answer"]} for r in rows]  # noqa: E731
+    forget_p = [perturbed[r["question"]] for r in forget]
+    common = {"forget_perturbed": forget_p, "forget": qa(forget), "retain": qa(retain), "full": qa(forget + retain),
+              "holdout": qa(_author_rows(cfg, blocks, cfg.holdout_authors))}
+    folders = {
+        dest: {**common, "retain_perturbed": retain_eval, "real_authors_perturbed": real[:m],
+               "world_facts_perturbed": world[:m]},
+        val_dir(dest): {**common, "retain_perturbed": retain_val, "real_authors_perturbed": real[m:2 * m],
+                        "world_facts_perturbed": world[m:2 * m]},
     }
-    splits["full"] = splits["forget"] + splits["retain"]
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        _write_json(dest / f"{name}.json", rows)
-    return {k: len(v) for k, v in splits.items()}
+    counts: dict[str, int] = {}
+    for folder, splits in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, rows in splits.items():
+            _write_json(folder / f"{name}.json", rows)
+        tag = "" if folder == dest else "val_"
+        counts.update({tag + k: len(v) for k, v in splits.items() if not tag or k not in common})
+    return counts
 
 
-def evaluate_model(cfg: StudyConfig, logits_fn, generate_fn, tok, data_dir: Path, out: Path,
-                   ppl_logits_fn=None, ppl_reference: str | None = None) -> dict[str, Any]:
-    """The whole TOFU metric set into ``out`` (legacy logs + summary.json) plus the paraphrased-question
-    ROUGE (``paraphrase.json``); returns the summary (no Forget Quality: see :func:`collect`).
-    ``ppl_logits_fn``: the model scoring the greedy answers (``generated_ppl``; the study passes
-    the untouched SmolLM2)."""
-    from alter_jax.data.tofu import load_tofu_split
-    from alter_jax.eval.tofu import evaluate_tofu, generate_answers, rouge_recall
-
-    t0 = time.perf_counter()
-    summary = evaluate_tofu(logits_fn, generate_fn, tok, out, forget_split="forget", source=str(data_dir),
-                            ds_size=None, batch_size=cfg.eval_batch, max_length=cfg.max_length,
-                            max_new_tokens=cfg.max_new_tokens, progress=False, ppl_logits_fn=ppl_logits_fn,
-                            ppl_reference=ppl_reference)
-    rows = load_tofu_split("forget_perturbed", str(data_dir))
-    _, gens = generate_answers(generate_fn, tok, [r["paraphrased_question"] for r in rows], batch_size=cfg.eval_batch,
-                               max_new_tokens=cfg.max_new_tokens)
-    _, rl = rouge_recall(gens, [r["answer"] for r in rows])
-    _write_json(out / "paraphrase.json", {"rougeL_recall": rl, "generated": gens})
-    summary["eval_wall_s"] = time.perf_counter() - t0
-    _write_json(out / "summary.json", summary)
-    return summary
+def val_dir(data_dir: Path) -> Path:
+    return data_dir.parent / "data_val"
 
 
-def _eval_done(out: Path) -> bool:
-    return (out / "summary.json").is_file() and (out / "paraphrase.json").is_file()
-
-
+# ----------------------------------------------------------------------------- stage pieces
 def finetune_model(cfg: StudyConfig, split: str, data_dir: Path, dest: Path) -> dict:
     """Full-parameter fine-tuning of the base model on ``split`` -> HF folder ``dest`` (+ finetune.json)."""
     from alter_jax.data.tofu import load_tofu_split
@@ -183,399 +259,774 @@ def finetune_model(cfg: StudyConfig, split: str, data_dir: Path, dest: Path) -> 
     rows = load_tofu_split(split, str(data_dir))
     arrays = encode(tok, rows, "auto", cfg.max_length)
     model, losses = finetune(model, arrays, epochs=cfg.ft_epochs, lr=cfg.ft_lr, batch_size=cfg.ft_batch,
-                             weight_decay=0.01, warmup_frac=1.0 / max(cfg.ft_epochs, 2), seed=cfg.seed,
+                             weight_decay=0.01, warmup_frac=1.0 / max(cfg.ft_epochs, 2), seed=0,
                              progress=False, desc=f"finetune[{split}]")
     tmp = dest.with_name(dest.name + ".partial")
     save_pretrained(model, tmp, tokenizer=tok)
     info = {"split": split, "rows": len(rows), "epochs": cfg.ft_epochs, "lr": cfg.ft_lr, "batch_size": cfg.ft_batch,
             "steps": len(losses), "first_loss": losses[0], "final_loss": float(np.mean(losses[-3:])),
-            "real_tokens": int(arrays["attention_mask"].sum()) * cfg.ft_epochs, "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0}
     _write_json(tmp / "finetune.json", info)
+    if dest.exists():
+        shutil.rmtree(dest)
     tmp.replace(dest)
     return info
 
 
-def run_config(cfg: StudyConfig, method: str, model_dir: Path, data_dir: Path, out: Path):
+def run_config(cfg: StudyConfig, s: Setting, model_dir: Path, data_dir: Path, out: Path):
     """The ``RunConfig`` of one unlearning run (same data, epochs and batch for every method)."""
     from alter_jax import config as C
+    from alter_jax.adapters.lora import AdapterConfig
 
     return C.RunConfig(
         model=C.ModelSpec(name=str(model_dir), prompt_format="auto", max_length=cfg.max_length),
-        entropy=C.EntropyConfig(threshold="quantile", value=cfg.alter_threshold),
-        optim=C.OptimConfig(lr=cfg.lr_lora if method in LORA_METHODS else cfg.lr_full, lr_b=cfg.lr_lora),
-        data=C.DataConfig(source=str(data_dir), forget_split="forget", retain_split="retain", num_subdomains=2),
-        train=C.TrainConfig(method=method, epochs=cfg.unlearn_epochs, batch_size=cfg.unlearn_batch, seed=cfg.seed,
+        adapter=AdapterConfig(retain_bias=s.retain_bias),
+        entropy=C.EntropyConfig(threshold="quantile", value=s.threshold, q=s.q),
+        optim=C.OptimConfig(lr=s.lr, lr_b=s.lr),
+        data=C.DataConfig(source=str(data_dir), forget_split="forget", retain_split="retain",
+                          num_subdomains=s.num_subdomains),
+        train=C.TrainConfig(method=s.method, epochs=cfg.unlearn_epochs, batch_size=cfg.unlearn_batch, seed=s.seed,
                             checkpoint_every=1000),
         eval=C.EvalConfig(batch_size=cfg.eval_batch, max_new_tokens=4, num_questions=2),
         output_dir=str(out),
     )
 
 
-# ----------------------------------------------------------------------------- speed
-def our_epoch_speed(run_dir: Path, cfg: StudyConfig) -> dict[str, float]:
-    """Steady tokens/s of our trainer from a run's ``metrics.jsonl`` (cumulative real-token rate per
-    step), the first (compiling) step excluded; real tokens per step recomputed from the same batches.
-    Returns ``{tokens_per_s, epoch_s (one epoch at that rate), real_tokens_epoch, steps_epoch}``."""
-    from alter_jax.data.batching import forget_retain_batches
-    from alter_jax.train.prepare import encode
+def evaluate_model(cfg: StudyConfig, fns, data_dir: Path, out: Path, *, reported: bool, ppl_logits_fn,
+                   retain_logs: Path | None) -> dict[str, Any]:
+    """The TOFU metric set of one model into ``out`` (legacy logs, TOFU_EVAL.json, summary.json) and, for a
+    reported evaluation, the paraphrased-question ROUGE (``paraphrase.json``) and the membership attacks
+    against the holdout authors. Returns the compact figures (:func:`figures`)."""
     from alter_jax.data.tofu import load_tofu_split
-    from alter_jax.io.hf import load_tokenizer
+    from alter_jax.eval.tofu import evaluate_tofu, generate_answers, rouge_recall
 
-    run = _read_json(run_dir / "config.json")["config"]
-    tok = load_tokenizer(run["model"]["name"])
-    data = run["data"]["source"]
-    arrays = {s: encode(tok, load_tofu_split(s, data), "auto", cfg.max_length) for s in ("forget", "retain")}
-    per_step = []
-    for epoch in range(cfg.unlearn_epochs):
-        for b in forget_retain_batches(arrays["forget"], arrays["retain"], cfg.unlearn_batch, seed=cfg.seed, epoch=epoch):
-            per_step.append(int(b["forget"]["attention_mask"].sum() + b["retain"]["attention_mask"].sum()))
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if r.get("phase") == "main"]
-    cum = np.cumsum(per_step[: len(rows)])
-    elapsed = cum / np.asarray([r["tokens_per_s"] for r in rows])
-    steps_epoch = math.ceil(len(arrays["forget"]["input_ids"]) / cfg.unlearn_batch)
-    epoch_tokens = int(sum(per_step[:steps_epoch]))
-    if len(rows) < 2:
-        rate = float(cum[-1] / elapsed[-1])
-    else:
-        rate = float((cum[-1] - cum[0]) / (elapsed[-1] - elapsed[0]))
-    return {"tokens_per_s": rate, "epoch_s": epoch_tokens / rate, "real_tokens_epoch": epoch_tokens,
-            "steps_epoch": steps_epoch, "first_step_s": float(elapsed[0])}
+    lf, gf, tok = fns
+    t0 = time.perf_counter()
+    holdout = load_tofu_split("holdout", str(data_dir)) if reported else None
+    evaluate_tofu(lf, gf, tok, out, forget_split="forget", source=str(data_dir), ds_size=None,
+                  batch_size=cfg.eval_batch, max_length=cfg.max_length,
+                  max_new_tokens=cfg.max_new_tokens if reported else cfg.select_new_tokens, progress=False,
+                  holdout=holdout, attacks=("loss", "zlib", "min_k", "min_k_plus_plus") if reported else (),
+                  retain_logs=retain_logs, ppl_logits_fn=ppl_logits_fn, ppl_reference=f"untouched {cfg.model}")
+    if reported:
+        rows = load_tofu_split("forget_perturbed", str(data_dir))
+        _, gens = generate_answers(gf, tok, [r["paraphrased_question"] for r in rows], batch_size=cfg.eval_batch,
+                                   max_new_tokens=cfg.max_new_tokens)
+        _, rl = rouge_recall(gens, [r["answer"] for r in rows])
+        _write_json(out / "paraphrase.json", {"rougeL_recall": rl, "generated": gens})
+    fig = figures(out, retain_logs)
+    fig["eval_wall_s"] = time.perf_counter() - t0
+    return fig
 
 
-def torch_lora_gd_epoch(cfg: StudyConfig, model_dir: Path, data_dir: Path, threads: int = 2) -> dict[str, float]:
-    """One LoRA-GD epoch with transformers + PEFT (r=8, alpha=16, all linear layers), AdamW, each side's
-    batch padded to its longest sequence (open-unlearning's collator), loss = −NLL(forget) + NLL(retain);
-    the same forget/retain pairing and order as ours. Times every step (first included and reported)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from alter_jax.bench.epoch import torch_lora_gd_stepper, torch_side
-    from alter_jax.data.batching import forget_retain_batches
-    from alter_jax.data.tofu import load_tofu_split
-    from alter_jax.io.hf import load_tokenizer
-    from alter_jax.train.prepare import encode
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(model_dir)
-    arrays = {s: encode(tok, load_tofu_split(s, str(data_dir)), "auto", cfg.max_length) for s in ("forget", "retain")}
-    step = torch_lora_gd_stepper(AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32),
-                                 lr=cfg.lr_lora)
-    times, tokens = [], []
-    for b in forget_retain_batches(arrays["forget"], arrays["retain"], cfg.unlearn_batch, seed=cfg.seed, epoch=0):
-        t = time.perf_counter()
-        step(b)
-        times.append(time.perf_counter() - t)
-        tokens.append(int(sum(torch_side(b[s])["attention_mask"].sum() for s in ("forget", "retain"))))
-    total = float(sum(times))
-    steady = (sum(tokens[1:]) / sum(times[1:])) if len(times) > 1 else tokens[0] / times[0]
-    return {"epoch_s": total, "tokens_per_s_all_steps": sum(tokens) / total, "tokens_per_s": float(steady),
-            "real_tokens_epoch": int(sum(tokens)), "steps_epoch": len(times), "first_step_s": times[0],
-            "threads": threads}
-
-
-def speed_summary(ours_lora: dict | None, ours_alter: dict | None, torch_lora: dict | None) -> dict[str, Any]:
-    """Ratios of the issue's goals: ours LoRA-GD epoch time / PyTorch's (goal ≤ 0.7) and ALTER / ours
-    LoRA-GD (goal ≤ 1.25), from steady tokens/s (equal real tokens per epoch)."""
-    out: dict[str, Any] = {"ours_lora_gd": ours_lora, "ours_alter": ours_alter, "torch_lora_gd": torch_lora}
-    if ours_lora and torch_lora:
-        out["ours_over_torch_time"] = torch_lora["tokens_per_s"] / ours_lora["tokens_per_s"]
-    if ours_lora and ours_alter:
-        out["alter_over_lora_time"] = ours_lora["tokens_per_s"] / ours_alter["tokens_per_s"]
-    return out
-
-
-# ----------------------------------------------------------------------------- report
-def collect(cfg: StudyConfig, work: Path) -> dict[str, Any]:
-    """report.json content from whatever stages have finished (fluency: :mod:`alter_jax.study.fluency`)."""
+def figures(folder: Path, retain_logs: Path | None) -> dict[str, Any]:
+    """The compact record of one evaluation folder: every headline metric, MU's parts, fluency and 3 + 3
+    example answers (:mod:`alter_jax.study.fluency`)."""
     from alter_jax.eval.tofu import aggregate
     from alter_jax.study.fluency import folder_fluency
 
-    ev = work / "eval"
-    retain_logs = ev / "retain" if _eval_done(ev / "retain") else None
-    entries: dict[str, Any] = {}
-    specs = run_specs(cfg)
-    for name in ("untouched", "full", "retain", *specs):
-        d = ev / name
-        if not _eval_done(d):
+    agg = aggregate(folder, retain_logs)
+    m = agg["metrics"]
+    f = m.get("forget", {})
+    e = {"forget_quality": agg["forget_quality"], "model_utility": agg["model_utility"], "mu_parts": agg["parts"],
+         "forget_prob": f.get("prob"), "forget_rouge": f.get("rouge_l_recall"),
+         "forget_truth_ratio": f.get("truth_ratio"), "forget_truth_ratio_prob_mean": f.get("truth_ratio_prob_mean"),
+         "extraction_strength": f.get("extraction_strength"), "exact_memorization": f.get("exact_memorization"),
+         "privleak": m.get("privleak"), "mia_min_k_auc": m.get("mia_min_k_auc"),
+         "retain_rouge": m.get("retain", {}).get("rouge_l_recall"), **folder_fluency(folder)}
+    para = folder / "paraphrase.json"
+    e["paraphrase_rouge"] = float(np.mean(_read_json(para)["rougeL_recall"])) if para.is_file() else None
+    return e
+
+
+def selection(points: Sequence[dict], full_val_mu: float, mu_floor: float) -> tuple[int, bool]:
+    """Index of the best point under :data:`SELECTION_RULE` and whether it kept the utility floor.
+    ``points``: ``{"forget_quality", "model_utility"}`` of validation evaluations."""
+    if not points:
+        raise ValueError("selection: no sweep points")
+    rel = [(p["model_utility"] or 0.0) / full_val_mu if full_val_mu else 0.0 for p in points]
+    fq = [p["forget_quality"] or 0.0 for p in points]
+    ok = [i for i, r in enumerate(rel) if r >= mu_floor]
+    if ok:
+        return max(ok, key=lambda i: (fq[i], rel[i])), True
+    hm = [2 * q * r / (q + r) if q > 0 and r > 0 else 0.0 for q, r in zip(fq, rel)]
+    return max(range(len(points)), key=lambda i: (hm[i], rel[i])), False
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-dominated ``(mu, fq)`` points (higher is better in both), by decreasing utility."""
+    out: list[tuple[float, float]] = []
+    for mu, fq in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not out or fq > out[-1][1]:
+            out.append((mu, fq))
+    return out
+
+
+def frontier_at(frontier: Sequence[tuple[float, float]], u: float) -> float:
+    """Best Forget Quality the frontier reaches at utility ≥ ``u`` (0 when none)."""
+    return max((fq for mu, fq in frontier if mu >= u), default=0.0)
+
+
+def pareto_verdict(sweeps: dict[str, list[tuple[float, float]]], floor: float) -> dict[str, Any]:
+    """Does ALTER's frontier lie above every baseline's wherever MU/full ≥ ``floor``? Compared at every
+    sweep point's utility ≥ floor: ALTER's best FQ at utility ≥ u vs each baseline's. Returns per baseline
+    the utilities where ALTER is below, and the overall verdict."""
+    if "alter" not in sweeps:
+        return {"met": None, "why": "ALTER not finished"}
+    fronts = {m: pareto_frontier([p for p in pts if p[0] >= floor]) for m, pts in sweeps.items()}
+    grid = sorted({mu for pts in sweeps.values() for mu, _ in pts if mu >= floor})
+    per: dict[str, Any] = {}
+    for m, fr in fronts.items():
+        if m == "alter":
             continue
-        agg = aggregate(d, retain_logs)
-        para = _read_json(d / "paraphrase.json")
-        summ = _read_json(d / "summary.json")
-        e = {"forget_quality": agg["forget_quality"], "model_utility": agg["model_utility"],
-             "forget_rouge": agg["forget"]["Forget ROUGE"], "forget_prob": agg["forget"]["Forget Prob."],
-             "forget_truth_ratio": agg["forget"]["Forget Truth Ratio"],
-             "paraphrase_rouge": float(np.mean(para["rougeL_recall"])), "mu_parts": agg["parts"],
-             "eval_wall_s": summ.get("eval_wall_s"), **folder_fluency(d)}
-        if name in ("full", "retain"):
-            e["wall_s"] = _read_json(work / "models" / name / "finetune.json")["wall_s"]
-        elif name == "untouched":
-            e["wall_s"] = 0.0
+        below = [u for u in grid if frontier_at(fronts["alter"], u) < frontier_at(fr, u)]
+        per[m] = {"alter_below_at_mu": below, "alter_best_fq": frontier_at(fronts["alter"], floor),
+                  "baseline_best_fq": frontier_at(fr, floor)}
+    return {"met": all(not v["alter_below_at_mu"] for v in per.values()) if per else None, "per_baseline": per}
+
+
+# ----------------------------------------------------------------------------- the runner
+class Study:
+    """Runs (or resumes) the stages; records in ``out/stages``, big outputs in ``work``."""
+
+    def __init__(self, cfg: StudyConfig, command: str, log: Callable[[str], None] = _log):
+        self.cfg, self.command, self.log = cfg, command, log
+        self.work, self.out = Path(cfg.work_dir), Path(cfg.out_dir)
+        self.stages = self.out / "stages"
+        self.data_dir = self.work / "data"
+        self.t_start = time.perf_counter()
+        self._backbone = None
+        self._ppl = None
+
+    # bookkeeping
+    def record(self, name: str) -> dict | None:
+        f = self.stages / f"{name}.json"
+        return _read_json(f) if f.is_file() else None
+
+    def save(self, name: str, rec: dict, wall_s: float) -> dict:
+        _write_json(self.stages / f"{name}.json", rec)
+        with open(self.out / "stages.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"stage": name, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                     + "\n")
+        return rec
+
+    def out_of_time(self) -> bool:
+        lim = self.cfg.max_minutes
+        return bool(lim) and (time.perf_counter() - self.t_start) / 60.0 >= lim
+
+    def ppl_fn(self):
+        """The untouched SmolLM2's logits: scores every model's greedy answers (generated perplexity)."""
+        if self._ppl is None:
+            from alter_jax.generate import model_fns
+            from alter_jax.io.hf import load_pretrained
+            from alter_jax.train.loop import resolve_run_model
+
+            self._ppl = model_fns(load_pretrained(resolve_run_model(self.cfg.model, progress=False)))[0]
+        return self._ppl
+
+    # stages
+    def data(self) -> None:
+        if not (self.data_dir / "counts.json").is_file() or not (val_dir(self.data_dir) / "holdout.json").is_file():
+            counts = build_data(self.cfg, self.data_dir)
+            _write_json(self.data_dir / "counts.json", counts)
+        from alter_jax.study.fluency import copy_idk_answers
+
+        copy_idk_answers(self.cfg.tofu_dir, self.data_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json(self.out / "plan.json", plan(self.cfg))
+
+    def model_dir(self, name: str) -> Path:
+        """``models/<name>`` (fine-tuned now if missing: its record exists from an earlier session)."""
+        d = self.work / "models" / name
+        if not (d / "finetune.json").is_file():
+            self.log(f"finetune {name}")
+            t = time.perf_counter()
+            info = finetune_model(self.cfg, name, self.data_dir, d)
+            self.log(f"finetune {name}: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['wall_s']:.0f} s)")
+            if self.record(f"finetune_{name}") is None:
+                self.save(f"finetune_{name}", info, time.perf_counter() - t)
+        return d
+
+    def retain_logs(self) -> Path:
+        """The retain model's reported forget log + MIA (FQ and PrivLeak reference), kept in ``out``."""
+        return self.out / "retain_logs"
+
+    def eval_stage(self, name: str, load: Callable[[], tuple], reported: bool) -> dict:
+        key = f"{'eval' if reported else 'val'}_{name}"
+        rec = self.record(key)
+        if rec is not None:
+            return rec
+        t = time.perf_counter()
+        folder = self.work / ("eval" if reported else "val") / name
+        data = self.data_dir if reported else val_dir(self.data_dir)
+        is_retain = name == "retain" and reported
+        rl = None if is_retain else self.retain_logs()
+        if rl is not None and not (rl / "eval_log_forget.json").is_file():
+            raise RuntimeError(f"{rl}: the retain model's logs are missing; the retain evaluation runs first")
+        self.log(f"{key}")
+        rec = evaluate_model(self.cfg, load(), data, folder, reported=reported, ppl_logits_fn=self.ppl_fn(),
+                             retain_logs=rl)
+        if is_retain:  # keep what FQ / PrivLeak need beside the report, then score retain against itself
+            rl = self.retain_logs()
+            rl.mkdir(parents=True, exist_ok=True)
+            for f in ("eval_log_forget.json", "TOFU_EVAL.json"):
+                shutil.copy(folder / f, rl / f)
+            rec = figures(folder, rl)
+            rec["eval_wall_s"] = time.perf_counter() - t
+        self.log(f"{key}: FQ {_fmt(rec['forget_quality'])} MU {mu_text(rec['model_utility'], rec['mu_parts'])} "
+                 f"forget ROUGE {_fmt(rec['forget_rouge'])} degenerate {_fmt(rec.get('forget_degenerate'))} "
+                 f"({time.perf_counter() - t:.0f} s)")
+        return self.save(key, rec, time.perf_counter() - t)
+
+    def folder_fns(self, folder_fn: Callable[[], Path]):
+        """A lazy loader of a model folder: a stage whose record exists neither loads nor rebuilds it."""
+        def load():
+            from alter_jax.generate import model_fns
+            from alter_jax.io.hf import load_pretrained, load_tokenizer
+
+            folder = folder_fn()
+            lf, gf = model_fns(load_pretrained(folder))
+            return lf, gf, load_tokenizer(folder)
+        return load
+
+    def run_dir(self, s: Setting) -> Path:
+        """The finished run folder of ``s`` (trained now if missing); records ``run_<name>``."""
+        from alter_jax.train.loop import unlearn
+
+        rd = self.work / "runs" / s.name
+        if not (rd / "report.json").is_file():
+            if rd.exists():
+                shutil.rmtree(rd)  # a run interrupted mid-way restarts: stages are whole runs
+            self.log(f"unlearn {s.name}")
+            t = time.perf_counter()
+            r = unlearn(run_config(self.cfg, s, self.model_dir("full"), self.data_dir, rd), progress=False,
+                        log=lambda *_: None)
+            self.log(f"unlearn {s.name}: {r['steps']} steps, {r['wall_s']:.0f} s")
+            if self.record(f"run_{s.name}") is None:
+                self.save(f"run_{s.name}", {"setting": s.public(), "seed": s.seed, "steps": r["steps"],
+                                             "wall_s": r["wall_s"]}, time.perf_counter() - t)
+        return rd
+
+    def run_fns(self, s: Setting):
+        def load():
+            from alter_jax.train.loop import load_run_result
+
+            _, tok, lf, gf = load_run_result(self.run_dir(s))
+            return lf, gf, tok
+        return load
+
+    def point(self, s: Setting, reported: bool) -> dict:
+        rec = self.eval_stage(s.name, self.run_fns(s), reported)
+        return {**rec, "setting": s.public(), "seed": s.seed, "name": s.name}
+
+    def relearn_stage(self, method: str, s: Setting) -> dict:
+        key = f"relearn_{method}"
+        rec = self.record(key)
+        if rec is not None:
+            return rec
+        from alter_jax.eval.relearn import RelearnConfig, relearn
+
+        t = time.perf_counter()
+        self.log(f"relearn {s.name}")
+        res = relearn(self.run_dir(s), RelearnConfig(steps=self.cfg.relearn_steps, mode="full", lr=self.cfg.relearn_lr,
+                                                     max_new_tokens=self.cfg.select_new_tokens,
+                                                     eval_batch_size=self.cfg.eval_batch),
+                      out=self.work / "relearn" / method, progress=False, log=lambda *_: None)
+        curve = [{"steps": r["k"], "forget_prob": r["prob"], "forget_rouge": r["rouge_l_recall"],
+                  "forget_truth_ratio": r.get("truth_ratio"), "retain_prob": r.get("retain_prob")}
+                 for r in res["schedule"]]
+        rec = {"setting": s.public(), "mode": "full", "lr": res["lr"], "curve": curve,
+               "base": {k: (res["base"] or {}).get(k) for k in ("prob", "rouge_l_recall")},
+               "eval_rows": len(res["split"]["eval"]), "train_rows": len(res["split"]["train"])}
+        self.log(f"relearn {s.name}: forget Prob. " + " ".join(f"k={c['steps']}:{c['forget_prob']:.3f}" for c in curve))
+        return self.save(key, rec, time.perf_counter() - t)
+
+    def method_stage(self, method: str, full_val_mu: float) -> bool:
+        """Sweep, selection, seeds and relearning of one method; False when stopped by ``max_minutes``."""
+        cfg = self.cfg
+        pts = []
+        for s in lr_sweep(cfg, method):
+            if self.record(f"val_{s.name}") is None and self.out_of_time():
+                return False
+            pts.append(self.point(s, reported=False))
+        if method == "alter" and cfg.alter_variants:
+            i, _ = selection(pts, full_val_mu, cfg.mu_floor)
+            for s in alter_variants(Setting(**{**pts[i]["setting"], "seed": 0})):
+                if self.record(f"val_{s.name}") is None and self.out_of_time():
+                    return False
+                pts.append(self.point(s, reported=False))
+        i, kept = selection(pts, full_val_mu, cfg.mu_floor)
+        best = Setting(**{**pts[i]["setting"], "seed": 0})
+        for seed in cfg.seeds:
+            if self.record(f"eval_{best.with_seed(seed).name}") is None and self.out_of_time():
+                return False
+            self.point(best.with_seed(seed), reported=True)
+        if self.record(f"relearn_{method}") is None and self.out_of_time():
+            return False
+        self.relearn_stage(method, best)
+        if not cfg.keep_runs:
+            shutil.rmtree(self.work / "runs", ignore_errors=True)
+        self.log(f"{method}: best {best.name} ({'kept' if kept else 'below'} the utility floor)")
+        return True
+
+    def run(self) -> dict:
+        self.data()
+        self.log(f"data {_read_json(self.data_dir / 'counts.json')}")
+        self.write_report()
+        full = self.folder_fns(lambda: self.model_dir("full"))
+        self.eval_stage("retain", self.folder_fns(lambda: self.model_dir("retain")), True)
+        self.eval_stage("full", full, True)
+        self.eval_stage("untouched", self.folder_fns(lambda: _untouched_folder(self.cfg)), True)
+        full_val = self.eval_stage("full", full, False)
+        self.write_report()
+        for method in self.cfg.methods:
+            done = self.method_stage(method, full_val["model_utility"])
+            self.write_report()
+            if not done:
+                self.log(f"stopped: --max-minutes {self.cfg.max_minutes:g} reached; rerun to continue")
+                break
+        rep = self.write_report()
+        self.log(f"report written to {self.out} ({len(rep['missing'])} stages missing)")
+        return rep
+
+    def write_report(self) -> dict:
+        rep = collect(self.cfg, self.out)
+        rep["command"] = self.command
+        write_report(self.cfg, self.out, rep)
+        return rep
+
+
+def _untouched_folder(cfg: StudyConfig) -> Path:
+    from alter_jax.train.loop import resolve_run_model
+
+    return resolve_run_model(cfg.model, progress=False)
+
+
+# ----------------------------------------------------------------------------- plan
+STEP_S = {"alter": 6.0, "asymlora": 4.5, "lora_gd": 3.5, "ga": 2.5, "npo": 3.0, "graddiff": 4.5, "npo_gd": 5.0,
+          "simnpo": 4.5, "rmu": 3.5}  # s per 4 + 4 step, SmolLM2 at max_length 128 on the 2-core VM (estimates)
+COMPILE_S = {"alter": 120.0, "asymlora": 80.0}  # first step of a run; others 45 s
+EVAL_S = {"reported": 240.0, "val": 90.0}
+FT_STEP_S = 4.0
+
+
+def plan(cfg: StudyConfig) -> dict[str, Any]:
+    """Every stage with its estimated minutes (estimates from the constants above; the real times land
+    in ``stages.jsonl``), the selection rule and the goal."""
+    steps = cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author / cfg.unlearn_batch)
+    rows_full = (len(cfg.forget_authors) + len(cfg.retain_authors)) * cfg.rows_per_author
+    ft = cfg.ft_epochs * (math.ceil(rows_full / cfg.ft_batch) + math.ceil(rows_full * 0.8 / cfg.ft_batch)) * FT_STEP_S
+    stages = [{"stage": "finetune full + retain", "minutes": ft / 60},
+              {"stage": "eval retain, full, untouched (reported) + full (validation)",
+               "minutes": (3 * EVAL_S["reported"] + EVAL_S["val"]) / 60}]
+    n_runs = 0
+    for m in cfg.methods:
+        n_lr = len(cfg.lrs_lora if m in LORA_METHODS else cfg.lrs_full)
+        n_sweep = n_lr + (len(ALTER_OPEN) if m == "alter" and cfg.alter_variants else 0)
+        run_s = steps * STEP_S.get(m, 4.0) + COMPILE_S.get(m, 45.0)
+        n_seed = len(cfg.seeds) - 1
+        relearn_s = cfg.relearn_steps[-1] * 4.0 + len(cfg.relearn_steps) * 40.0 + 60.0
+        mins = (n_sweep * (run_s + EVAL_S["val"]) + n_seed * run_s + len(cfg.seeds) * EVAL_S["reported"]
+                + relearn_s) / 60
+        stages.append({"stage": f"{m}: {n_sweep} sweep runs + {n_seed} seeds + relearning", "minutes": mins})
+        n_runs += n_sweep + n_seed
+    return {"scale": {"forget_rows": len(cfg.forget_authors) * cfg.rows_per_author,
+                      "retain_rows": len(cfg.retain_authors) * cfg.rows_per_author, "unlearn_steps": steps,
+                      "runs": n_runs, "seeds": list(cfg.seeds)},
+            "stages": stages, "total_minutes": sum(s["minutes"] for s in stages),
+            "selection_rule": SELECTION_RULE, "mu_floor": cfg.mu_floor, "goal": GOAL,
+            "config": dataclasses.asdict(cfg)}
+
+
+def plan_text(p: dict) -> str:
+    lines = [f"{s['minutes']:7.1f} min  {s['stage']}" for s in p["stages"]]
+    return "\n".join([*lines, f"{p['total_minutes']:7.1f} min  total (estimate)", "", "Selection rule: "
+                      + p["selection_rule"]])
+
+
+# ----------------------------------------------------------------------------- report
+def _mean_std(vals: Sequence[float | None]) -> tuple[float | None, float | None]:
+    v = [x for x in vals if x is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
+    """report.json content from the stage records in ``out/stages`` (whatever has finished)."""
+    st = out / "stages"
+
+    def rec(name):
+        f = st / f"{name}.json"
+        return _read_json(f) if f.is_file() else None
+
+    models = {n: rec(f"eval_{n}") for n in ("full", "retain", "untouched")}
+    full_val = rec("val_full")
+    full_mu = (models["full"] or {}).get("model_utility")
+    for e in models.values():
+        if e is not None:
+            e["mu_over_full"] = e["model_utility"] / full_mu if full_mu else None
+    for n in ("full", "retain"):
+        if models[n] is not None and rec(f"finetune_{n}"):
+            models[n]["finetune"] = rec(f"finetune_{n}")
+    methods: dict[str, Any] = {}
+    missing: list[str] = [n for n, e in models.items() if e is None]
+    sweeps: dict[str, list[tuple[float, float]]] = {}
+    for m in cfg.methods:
+        cand = lr_sweep(cfg, m)
+        pts = []
+        for s in cand:
+            r = rec(f"val_{s.name}")
+            if r is not None:
+                pts.append({**r, "name": s.name, "setting": s.public()})
+        if m == "alter" and cfg.alter_variants and full_val and len(pts) == len(cand):
+            i, _ = selection(pts, full_val["model_utility"], cfg.mu_floor)
+            for s in alter_variants(Setting(**{**pts[i]["setting"], "seed": 0})):
+                r = rec(f"val_{s.name}")
+                if r is not None:
+                    pts.append({**r, "name": s.name, "setting": s.public()})
+        for p in pts:
+            p["mu_over_full_val"] = p["model_utility"] / full_val["model_utility"] if full_val else None
+            run = rec(f"run_{p['name']}")
+            p["train_wall_s"] = run["wall_s"] if run else None
+        entry: dict[str, Any] = {"sweep": [_sweep_row(p) for p in pts], "best": None}
+        sweeps[m] = [(p["mu_over_full_val"] or 0.0, p["forget_quality"] or 0.0) for p in pts]
+        expected = len(cand) + (len(ALTER_OPEN) if m == "alter" and cfg.alter_variants else 0)
+        if pts and full_val and len(pts) == expected:
+            i, kept = selection(pts, full_val["model_utility"], cfg.mu_floor)
+            best = Setting(**{**pts[i]["setting"], "seed": 0})
+            seeds = {seed: rec(f"eval_{best.with_seed(seed).name}") for seed in cfg.seeds}
+            done = {k: v for k, v in seeds.items() if v is not None}
+            b: dict[str, Any] = {"setting": best.public(), "name": best.name, "kept_utility_floor": kept,
+                                 "seeds": sorted(done), "seeds_planned": list(cfg.seeds)}
+            for key in ("forget_quality", "model_utility", "forget_rouge", "paraphrase_rouge", "forget_prob",
+                        "forget_truth_ratio", "extraction_strength", "exact_memorization", "privleak",
+                        "forget_degenerate", "forget_gen_ppl", "retain_degenerate", "retain_gen_ppl"):
+                b[f"{key}_mean"], b[f"{key}_std"] = _mean_std([v.get(key) for v in done.values()])
+            b["mu_over_full_mean"] = b["model_utility_mean"] / full_mu if full_mu and b["model_utility_mean"] else None
+            b["privleak"], b["extraction_strength"] = b["privleak_mean"], b["extraction_strength_mean"]
+            b["per_seed"] = {str(k): _seed_row(v) for k, v in done.items()}
+            b["examples"] = done[min(done)].get("examples") if done else None
+            rl = rec(f"relearn_{m}")
+            b["relearn"] = rl["curve"] if rl else None
+            b["relearn_base"] = rl["base"] if rl else None
+            entry["best"] = b
+            if len(done) < len(cfg.seeds) or rl is None:
+                missing.append(f"{m} (seeds / relearning)")
         else:
-            e["wall_s"] = _read_json(work / "runs" / name / "report.json")["wall_s"]
-        if name in specs:
-            e["method"], e["overrides"] = specs[name][0], specs[name][2]
-        entries[name] = e
-    full_mu = entries.get("full", {}).get("model_utility")
-    for name, e in entries.items():
-        e["mu_over_full"] = e["model_utility"] / full_mu if full_mu else None
-    goal = {}
-    if "full" in entries and retain_logs is not None:
-        def hits(e):
-            return (e["forget_quality"] or 0) >= 0.05 and (e["mu_over_full"] or 0) >= 0.9
-        goal = {m: hits(entries[m]) for m in specs if m in entries}
-    speed = _read_json(work / "speed.json") if (work / "speed.json").is_file() else None
-    return {"config": dataclasses.asdict(cfg), "data": _read_json(work / "data" / "counts.json"),
-            "untouched": entries.get("untouched"), "full": entries.get("full"), "retain": entries.get("retain"),
-            "methods": {m: entries[m] for m in cfg.methods if m in entries},
-            "variants": {m: entries[m] for m in specs if m not in cfg.methods and m in entries},
-            "missing": [m for m in ("untouched", "full", "retain", *specs) if m not in entries],
-            "goal_fq_0.05_and_mu_0.9_full": goal, "speed": speed}
+            missing.append(f"{m} (sweep {len(pts)}/{expected})")
+        methods[m] = entry
+    seeds = sorted({s for e in methods.values() if e["best"] for s in e["best"]["seeds"]})
+    data = _read_json(Path(cfg.work_dir) / "data" / "counts.json") if (Path(cfg.work_dir) / "data" / "counts.json").is_file() else {}
+    scale = {"forget_rows": len(cfg.forget_authors) * cfg.rows_per_author,
+             "retain_rows": len(cfg.retain_authors) * cfg.rows_per_author,
+             "eval_rows": {"forget": len(cfg.forget_authors) * cfg.rows_per_author,
+                           "retain": len(cfg.retain_authors) * cfg.eval_per_author,
+                           "real_authors": cfg.eval_real_rows, "world_facts": cfg.eval_real_rows,
+                           "holdout": len(cfg.holdout_authors) * cfg.rows_per_author},
+             "validation_rows": {"retain": len(cfg.retain_authors) * cfg.eval_per_author,
+                                 "real_authors": cfg.eval_real_rows, "world_facts": cfg.eval_real_rows},
+             "seeds": list(cfg.seeds), "seeds_finished": seeds,
+             "unlearn_steps": cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author
+                                                             / cfg.unlearn_batch),
+             "unlearn_batch": f"{cfg.unlearn_batch} forget + {cfg.unlearn_batch} retain",
+             "max_new_tokens": cfg.max_new_tokens, "select_new_tokens": cfg.select_new_tokens, "data_counts": data}
+    minutes = _stage_minutes(out)
+    return {"command": None, "scale": scale, **models, "full_val": full_val, "methods": methods,
+            "goal": goal_verdict(cfg, methods, models, sweeps), "missing": missing, "compute_minutes": minutes,
+            "selection_rule": SELECTION_RULE, "config": dataclasses.asdict(cfg)}
 
 
-def _fmt(v, p=3):
-    if v is None:
-        return "—"
-    if isinstance(v, float) and (abs(v) < 1e-3 and v != 0):
-        return f"{v:.1e}"
-    return f"{v:.{p}f}" if isinstance(v, float) else str(v)
+def _stage_minutes(out: Path) -> float:
+    f = out / "stages.jsonl"
+    if not f.is_file():
+        return 0.0
+    return sum(json.loads(line)["wall_s"] for line in f.read_text().splitlines() if line.strip()) / 60.0
 
 
-def mu_text(mu: float | None, parts: dict[str, float] | None) -> str:
-    """Model Utility for a table or log line. A harmonic mean is 0 as soon as one part is 0, which at
-    ``--quick`` scale (2 rows, 8 new tokens) says nothing about the model: then the text names the
-    part (issue 14) instead of printing a bare 0.000."""
-    zero = sorted(k for k, v in (parts or {}).items() if v == 0)
-    if mu == 0 and zero:
-        return f"n/a ({zero[0]} = 0{' and more' if len(zero) > 1 else ''})"
-    return _fmt(mu)
+SWEEP_KEYS = ("forget_quality", "model_utility", "mu_over_full_val", "forget_rouge", "forget_prob",
+              "forget_truth_ratio", "extraction_strength", "forget_degenerate", "forget_gen_ppl", "retain_degenerate",
+              "train_wall_s")
 
 
-def write_report(cfg: StudyConfig, work: Path, command: str) -> dict[str, Any]:
-    """Write report.json, report.md and fq_vs_mu.png into ``cfg.out_dir``."""
-    rep = collect(cfg, work)
-    rep["command"] = command
-    out = Path(cfg.out_dir)
+def _sweep_row(p: dict) -> dict:
+    return {"name": p["name"], "setting": p["setting"], **{k: p.get(k) for k in SWEEP_KEYS}}
+
+
+def _seed_row(e: dict) -> dict:
+    keys = ("forget_quality", "model_utility", "forget_rouge", "paraphrase_rouge", "forget_prob", "privleak",
+            "extraction_strength", "exact_memorization", "forget_degenerate", "forget_gen_ppl", "retain_degenerate")
+    return {k: e.get(k) for k in keys}
+
+
+def goal_verdict(cfg: StudyConfig, methods: dict, models: dict, sweeps: dict) -> dict[str, Any]:
+    """The issue's three-part goal from whatever has finished (None = not decidable yet)."""
+    a = (methods.get("alter") or {}).get("best")
+    out: dict[str, Any] = {"statement": GOAL}
+    if a and a["seeds"]:
+        fq, mu_rel = a["forget_quality_mean"], a["mu_over_full_mean"]
+        out["alter_fq_mu"] = {"met": bool(fq is not None and fq >= 0.05 and mu_rel is not None and mu_rel >= cfg.mu_floor),
+                              "forget_quality_mean": fq, "mu_over_full_mean": mu_rel}
+    else:
+        out["alter_fq_mu"] = {"met": None}
+    finished = {m: v for m, v in sweeps.items() if v and methods[m]["best"] is not None}
+    out["pareto"] = pareto_verdict(finished, cfg.mu_floor)
+    bases = {m: e["best"] for m, e in methods.items() if m != "alter" and e["best"] and e["best"]["seeds"]}
+    if a and a.get("relearn") and bases:
+        strongest = max(bases, key=lambda m: ((bases[m]["forget_quality_mean"] or 0.0), bases[m]["model_utility_mean"] or 0.0))
+        rb = bases[strongest].get("relearn")
+        if rb:
+            pa, pb = a["relearn"][-1]["forget_prob"], rb[-1]["forget_prob"]
+            out["relearn"] = {"met": bool(pa < pb), "best_baseline": strongest, "k": a["relearn"][-1]["steps"],
+                              "alter_forget_prob": pa, "baseline_forget_prob": pb}
+        else:
+            out["relearn"] = {"met": None, "best_baseline": strongest}
+    else:
+        out["relearn"] = {"met": None}
+    r = models.get("retain")
+    if a and a["seeds"] and r:
+        deg, ppl, rppl = a["forget_degenerate_mean"], a["forget_gen_ppl_mean"], r.get("forget_gen_ppl")
+        out["fluency"] = {"met": bool(deg is not None and deg <= 0.05 and ppl is not None and rppl and ppl <= 2 * rppl),
+                          "alter_forget_degenerate": deg, "alter_forget_gen_ppl": ppl, "retain_forget_gen_ppl": rppl,
+                          "statement": "issue 19: ALTER's forget answers degenerate <= 5 % and generated ppl <= 2x "
+                                       "the retain model's on the same questions"}
+    parts = [out[k]["met"] for k in ("alter_fq_mu", "pareto", "relearn")]
+    out["met"] = None if any(p is None for p in parts) else all(parts)
+    return out
+
+
+def write_report(cfg: StudyConfig, out: Path, rep: dict) -> None:
+    """report.json, report.md, fq_vs_mu.png and relearn.png into ``out`` (from ``rep`` = :func:`collect`)."""
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "report.json", rep)
-    rows = [("untouched", rep["untouched"]), ("full", rep["full"]), ("retain", rep["retain"]),
-            *rep["methods"].items(), *rep["variants"].items()]
-    lines = ["# TOFU study on SmolLM2-135M-Instruct", "", f"Command: `{command}`", "",
-             _scale_text(cfg, rep["data"]), "",
-             "| model | Forget Quality | Model Utility | MU / full | forget degenerate | forget gen. ppl | retain degenerate "
-             "| retain gen. ppl | forget ROUGE-L | paraphrase ROUGE-L | forget Prob. | wall s (train) | wall s (eval) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, e in rows:
+    sc = rep["scale"]
+    L = ["# TOFU study on SmolLM2-135M-Instruct (powered design, issue 16)", "", f"Command: `{rep['command']}`", "",
+         "## Scale", "",
+         f"- forget: TOFU authors {', '.join(map(str, cfg.forget_authors))} ({sc['forget_rows']} rows, forget01); "
+         f"retain: authors {cfg.retain_authors[0]}-{cfg.retain_authors[-1]} ({sc['retain_rows']} rows); membership "
+         f"holdout: authors {', '.join(map(str, cfg.holdout_authors))} ({sc['eval_rows']['holdout']} rows, never trained on).",
+         f"- full / retain models: SmolLM2-135M-Instruct, every parameter fine-tuned {cfg.ft_epochs} epochs, lr "
+         f"{cfg.ft_lr:g}, batch {cfg.ft_batch}, AdamW wd 0.01, warm-up {1 / max(cfg.ft_epochs, 2):.0%}, on 200 / 160 rows.",
+         f"- reported evaluation: {sc['eval_rows']['forget']} forget rows, {sc['eval_rows']['retain']} retained-author "
+         f"rows (rows 0-{cfg.eval_per_author - 1} of each), {cfg.eval_real_rows} real-author and {cfg.eval_real_rows} "
+         f"world-fact rows, greedy answers of {cfg.max_new_tokens} new tokens; validation (selection only): the "
+         f"forget rows, retained-author rows {cfg.eval_per_author}-{2 * cfg.eval_per_author - 1}, real authors / world "
+         f"facts rows {cfg.eval_real_rows}-{2 * cfg.eval_real_rows - 1}, {cfg.select_new_tokens} new tokens.",
+         f"- unlearning: {sc['unlearn_steps']} steps ({cfg.unlearn_epochs} epochs) of {sc['unlearn_batch']} rows for "
+         f"every method; learning rates {', '.join(f'{x:g}' for x in cfg.lrs_full)} (full-parameter) and "
+         f"{', '.join(f'{x:g}' for x in cfg.lrs_lora)} (LoRA B / ALTER experts; ALTER A 1e-5, router 1e-2); "
+         f"seeds {', '.join(map(str, cfg.seeds))} for each best setting; float32, CPU.",
+         f"- compute so far: {rep['compute_minutes']:.0f} min of stages (`stages.jsonl`).", "",
+         "Selection rule (fixed before the runs, `plan.json`): " + SELECTION_RULE, ""]
+    L += ["## Models", "", "| model | FQ | MU | MU / full | forget ROUGE | forget Prob. | ES | PrivLeak | forget degenerate "
+          "| forget gen. ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in ("untouched", "full", "retain"):
+        e = rep.get(n)
         if e is None:
-            lines.append(f"| {name} | not finished | | | | | | | | | | | |")
+            L.append(f"| {n} | not finished | | | | | | | | |")
             continue
-        flu = " | ".join(_fmt(e.get(k)) for k in ("forget_degenerate", "forget_gen_ppl", "retain_degenerate",
-                                                   "retain_gen_ppl"))
-        lines.append(f"| {name} | {_fmt(e['forget_quality'])} | {mu_text(e['model_utility'], e.get('mu_parts'))} | "
-                     f"{_fmt(e['mu_over_full'])} | "
-                     f"{flu} | "
-                     f"{_fmt(e['forget_rouge'])} | {_fmt(e['paraphrase_rouge'])} | {_fmt(e['forget_prob'])} | "
-                     f"{_fmt(e['wall_s'], 0)} | {_fmt(e['eval_wall_s'], 0)} |")
-    lines += ["", "degenerate = share of greedy answers that are empty, letterless, or one whitespace-token / character "
-              "run covering more than half of the answer; gen. ppl = mean perplexity of the greedy answer (prompt + "
-              "answer scored, answer tokens averaged) under the untouched SmolLM2 (docs/eval_definitions.md, fluency); "
-              "— = not measured (evaluated before these columns existed)."]
-    if rep["untouched"]:
-        lines += ["", "Untouched SmolLM2 (real knowledge unlearning must keep): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in rep["untouched"]["mu_parts"].items() if k.startswith(("Real", "Retain")))]
-    if cfg.variants:
-        lines += ["", "Variants (same epochs and batch as the methods; one setting changed):"]
-        lines += [f"- `{n}`: {m} with {dict(o)}" for n, m, o in cfg.variants]
+        L.append(f"| {n} | {_fmt(e['forget_quality'])} | {mu_text(e['model_utility'], e['mu_parts'])} | "
+                 f"{_fmt(e.get('mu_over_full'))} | {_fmt(e['forget_rouge'])} | {_fmt(e['forget_prob'])} | "
+                 f"{_fmt(e['extraction_strength'])} | {_fmt(e['privleak'], 1)} | {_fmt(e.get('forget_degenerate'))} | "
+                 f"{_fmt(e.get('forget_gen_ppl'), 1)} |")
+    L += ["", "## Best settings (reported rows, mean ± std over seeds)", "",
+          "| method | setting | seeds | FQ | MU / full | forget ROUGE | paraphrase ROUGE | ES | PrivLeak | forget degenerate "
+          "| forget gen. ppl | retain degenerate |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    pm = lambda b, k, p=3: (f"{_fmt(b[k + '_mean'], p)} ± {_fmt(b[k + '_std'], p)}"  # noqa: E731
+                            if b.get(k + "_mean") is not None else "—")
+    for m, e in rep["methods"].items():
+        b = e["best"]
+        if not b or not b["seeds"]:
+            L.append(f"| {m} | {'not finished' if not b else b['name']} | | | | | | | | | | |")
+            continue
+        mu_rel = (f"{_fmt(b['mu_over_full_mean'])} ± {_fmt(b['model_utility_std'] / rep['full']['model_utility'])}"
+                  if b["mu_over_full_mean"] is not None and rep.get("full") else "—")
+        L.append(f"| {m} | `{b['name']}`{'' if b['kept_utility_floor'] else ' (below floor)'} | {len(b['seeds'])} | "
+                 f"{pm(b, 'forget_quality')} | {mu_rel} | {pm(b, 'forget_rouge')} | {pm(b, 'paraphrase_rouge')} | "
+                 f"{pm(b, 'extraction_strength')} | {pm(b, 'privleak', 1)} | {pm(b, 'forget_degenerate')} | "
+                 f"{pm(b, 'forget_gen_ppl', 1)} | {pm(b, 'retain_degenerate')} |")
+    L += ["", "degenerate = share of greedy answers that are empty, letterless, or one token / character run covering more "
+          "than half of the answer; gen. ppl = mean perplexity of the greedy answer under the untouched SmolLM2 "
+          "(docs/eval_definitions.md); ES = Extraction Strength on the forget rows; PrivLeak = Min-K% AUC against the "
+          "holdout authors, relative to the retain model's (percent).", "",
+          "## Sweep (validation rows; seed 0)", "",
+          "| method | run | FQ | val MU | val MU / full | forget ROUGE | forget Prob. | ES | forget degenerate | forget gen. ppl "
+          "| train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, e in rep["methods"].items():
+        best = (e["best"] or {}).get("name")
+        for p in e["sweep"]:
+            star = " **(best)**" if p["name"] == best else ""
+            L.append(f"| {m} | `{p['name']}`{star} | {_fmt(p['forget_quality'])} | {_fmt(p['model_utility'])} | "
+                     f"{_fmt(p['mu_over_full_val'])} | {_fmt(p['forget_rouge'])} | {_fmt(p['forget_prob'])} | "
+                     f"{_fmt(p['extraction_strength'])} | {_fmt(p['forget_degenerate'])} | {_fmt(p['forget_gen_ppl'], 1)} "
+                     f"| {_fmt(p['train_wall_s'], 0)} |")
+    L += ["", "## Relearning attack (every parameter fine-tuned on half the forget rows; the other half scored)", "",
+          "| method | " + " | ".join(f"k={k}" for k in cfg.relearn_steps) + " | before unlearning |",
+          "|---|" + "---|" * (len(cfg.relearn_steps) + 1)]
+    for m, e in rep["methods"].items():
+        b = e["best"]
+        if b and b.get("relearn"):
+            cells = " | ".join(f"{c['forget_prob']:.3f} / {c['forget_rouge']:.3f}" for c in b["relearn"])
+            base = b.get("relearn_base") or {}
+            L.append(f"| {m} | {cells} | {_fmt(base.get('prob'))} / {_fmt(base.get('rouge_l_recall'))} |")
+    L += ["", "Cells: forget Prob. / forget ROUGE-L on the held-out half after k attack steps.", "",
+          "## Goal", "", GOAL, ""]
+    g = rep["goal"]
+    verdict = lambda v: {True: "met", False: "NOT met", None: "not decided (stages missing)"}[v]  # noqa: E731
+    a = g["alter_fq_mu"]
+    L.append(f"- FQ ≥ 0.05 with MU ≥ {cfg.mu_floor:.0%} of full: {verdict(a['met'])}"
+             + (f" (FQ {_fmt(a['forget_quality_mean'])}, MU/full {_fmt(a['mu_over_full_mean'])})" if a["met"] is not None else ""))
+    pv = g["pareto"]
+    below = {m: v["alter_below_at_mu"] for m, v in (pv.get("per_baseline") or {}).items() if v["alter_below_at_mu"]}
+    L.append(f"- Pareto frontier above every baseline at MU ≥ {cfg.mu_floor:.0%} of full: {verdict(pv['met'])}"
+             + (f"; ALTER below: " + ", ".join(f"{m} at MU/full {', '.join(f'{u:.3f}' for u in us)}" for m, us in below.items())
+                if below else ""))
+    r = g["relearn"]
+    L.append(f"- recovers less than the best baseline under relearning: {verdict(r['met'])}"
+             + (f" (best baseline {r['best_baseline']}; forget Prob. at k={r['k']}: ALTER {r['alter_forget_prob']:.3f}"
+                f" vs {r['baseline_forget_prob']:.3f})" if r.get("met") is not None else ""))
+    if "fluency" in g:
+        f = g["fluency"]
+        L.append(f"- fluency (issue 19): {verdict(f['met'])} (forget degenerate {_fmt(f['alter_forget_degenerate'])}, "
+                 f"forget gen. ppl {_fmt(f['alter_forget_gen_ppl'], 1)} vs retain model {_fmt(f['retain_forget_gen_ppl'], 1)})")
+    L.append(f"- overall: {verdict(g['met'])}")
     if rep["missing"]:
-        lines += ["", f"Stages not finished: {', '.join(rep['missing'])}"]
-    goal = rep["goal_fq_0.05_and_mu_0.9_full"]
-    if goal:
-        lines += ["", "Goal (FQ ≥ 0.05 and MU ≥ 0.9 × full): " + ", ".join(f"{m}: {'yes' if v else 'no'}"
-                                                                            for m, v in goal.items())]
-    sp = rep["speed"]
-    if sp:
-        lines += ["", "## Speed (one unlearning epoch, real tokens only)", "",
-                  "| trainer | real tokens/s (steady) | epoch s | first step s |", "|---|---|---|---|"]
-        for k, label in (("ours_lora_gd", "ours LoRA-GD (fixed max_length padding)"),
-                         ("torch_lora_gd", "transformers + PEFT LoRA-GD (pad to longest)"),
-                         ("ours_alter", "ours ALTER")):
-            v = sp.get(k)
-            if v:
-                lines.append(f"| {label} | {v['tokens_per_s']:.1f} | {v['epoch_s']:.1f} | {v['first_step_s']:.1f} |")
-        if "ours_over_torch_time" in sp:
-            lines.append(f"\nours / PyTorch epoch time: {sp['ours_over_torch_time']:.2f} (goal ≤ 0.7)")
-        if "alter_over_lora_time" in sp:
-            lines.append(f"\nALTER / our LoRA-GD epoch time: {sp['alter_over_lora_time']:.2f} (goal ≤ 1.25)")
-    from alter_jax.study.fluency import examples_markdown
-
-    lines += [""] + examples_markdown({**rep["methods"], **rep["variants"]}, mu_key="mu_over_full")
-    lines += ["", "![forget quality vs model utility](fq_vs_mu.png)", ""]
+        L += ["", "Stages not finished: " + ", ".join(rep["missing"])]
+    L += ["", "![forget quality vs model utility](fq_vs_mu.png)", "", "![relearning](relearn.png)", ""]
+    L += _examples(rep)
     notes = out / "notes.md"  # hand-written reading of the results, kept across report rewrites
     if notes.is_file():
-        lines += ["## Notes", "", notes.read_text().strip(), ""]
-    (out / "report.md").write_text("\n".join(lines))
-    _plot(rows, out / "fq_vs_mu.png")
-    return rep
+        L += ["## Notes", "", notes.read_text().strip(), ""]
+    (out / "report.md").write_text("\n".join(L))
+    _plot_sweep(rep, cfg, out / "fq_vs_mu.png")
+    _plot_relearn(rep, out / "relearn.png")
 
 
-def _scale_text(cfg: StudyConfig, counts: dict) -> str:
-    return (f"Scale: forget = {cfg.forget_split} ({counts['forget']} rows, 2 fictitious authors), training retain = "
-            f"{counts['retain']} rows of retain_perturbed; evaluation on all forget rows and the first "
-            f"{cfg.eval_rows} rows of retain_perturbed, real_authors_perturbed, world_facts_perturbed; max_length "
-            f"{cfg.max_length}, greedy answers of {cfg.max_new_tokens} new tokens. full / retain models: full "
-            f"fine-tuning (every parameter), {cfg.ft_epochs} epochs, lr {cfg.ft_lr}, batch {cfg.ft_batch}. "
-            f"Unlearning: {cfg.unlearn_epochs} epochs, batch {cfg.unlearn_batch} forget + {cfg.unlearn_batch} "
-            f"retain, lr {cfg.lr_full} (full-parameter methods), {cfg.lr_lora} (LoRA r=8 / ALTER B experts; "
-            f"ALTER A 1e-5, router 1e-2, entropy threshold = {cfg.alter_threshold:.0%} quantile, 2 sub-domains). "
-            "float32, CPU (2 cores).")
+def _examples(rep: dict) -> list[str]:
+    from alter_jax.study.fluency import _short
+
+    L = ["## Example answers (best setting, seed 0; reported rows)", ""]
+    any_ = False
+    for m, e in rep["methods"].items():
+        ex = (e["best"] or {}).get("examples")
+        if not ex:
+            continue
+        any_ = True
+        L += [f"**{m}** (`{e['best']['name']}`)", "", "| split | generated | ground truth |", "|---|---|---|"]
+        for split in ("forget", "retain"):
+            for row in ex.get(split, []):
+                L.append(f"| {split} | {_short(row[1]) or '(empty)'} | {_short(row[2])} |")
+        L.append("")
+    return L if any_ else []
 
 
-def _plot(rows, path: Path) -> None:
+def _spread_labels(xy: list[tuple[float, float]], min_dy: float) -> list[float]:
+    """Label heights (display units) so that labels of nearby points do not overlap: greedy, bottom-up."""
+    order = sorted(range(len(xy)), key=lambda i: xy[i][1])
+    ys = [0.0] * len(xy)
+    placed: list[tuple[float, float]] = []
+    for i in order:
+        x, y = xy[i]
+        while any(abs(x - px) < 60 and abs(y - py) < min_dy for px, py in placed):
+            y += min_dy
+        placed.append((x, y))
+        ys[i] = y
+    return ys
+
+
+def _plot_sweep(rep: dict, cfg: StudyConfig, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    colors: dict[str, Any] = {}
-    placed: list[tuple[float, float]] = []  # label anchors so far: near-coincident points stack their labels
-    full_mu = next((e["model_utility"] for name, e in rows if name == "full" and e is not None), None)
-    for name, e in rows:
-        if e is None or e["forget_quality"] is None:
-            continue
-        fq = max(e["forget_quality"], 1e-12)
-        near = sum(abs(mu - e["model_utility"]) < 0.02 and abs(np.log10(q / fq)) < 0.15 for mu, q in placed)
-        placed.append((e["model_utility"], fq))
-        method = e.get("method", name)
-        color = colors.setdefault(method, f"C{len(colors) % 10}")
-        variant = bool(e.get("overrides"))  # hollow marker: a variant of a method's default setting
-        ax.scatter(e["model_utility"], fq, marker="*" if method == "alter" else "o",
-                   s=90 if method == "alter" else 40, facecolors="none" if variant else color, edgecolors=color)
-        ax.annotate(name, (e["model_utility"], fq), textcoords="offset points", xytext=(4, 4 + 8 * near), fontsize=7)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.set_yscale("log")
+    labels = []
+    for i, (m, e) in enumerate(rep["methods"].items()):
+        pts = [(p["mu_over_full_val"], max(p["forget_quality"] or 0.0, 1e-6), p["name"]) for p in e["sweep"]
+               if p["mu_over_full_val"] is not None]
+        if not pts:
+            continue
+        c = f"C{i % 10}"
+        star = m == "alter"
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=c, marker="*" if star else "o", s=90 if star else 30,
+                   label=m, zorder=3)
+        fr = pareto_frontier([(p[0], p[1]) for p in pts])
+        if fr:  # the frontier as a staircase: the best FQ reachable at utility >= x
+            xs, ys = [], []
+            for mu, fq in fr:
+                if xs:
+                    xs.append(mu)
+                    ys.append(ys[-1])
+                xs.append(mu)
+                ys.append(fq)
+            ax.plot(xs, ys, color=c, linewidth=2.2 if star else 1.0, alpha=0.8)
+        best = (e["best"] or {}).get("name")
+        labels += [(p[0], p[1], p[2]) for p in pts if p[2] == best]
+    ax.axvline(cfg.mu_floor, color="grey", linestyle=":", linewidth=0.9)
     ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
-    if full_mu is not None:  # the goal's utility bar: 90 % of the full model
-        ax.axvline(0.9 * full_mu, color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("Model Utility")
+    fig.canvas.draw()
+    disp = [tuple(ax.transData.transform((x, y))) for x, y, _ in labels]
+    heights = _spread_labels(disp, 11.0)
+    inv = ax.transData.inverted()
+    for (x, y, name), (dx, dy), h in zip(labels, disp, heights):
+        tx, ty = inv.transform((dx + 6, h + 4))
+        ax.annotate(name, (x, y), xytext=(tx, ty), textcoords="data", fontsize=7,
+                    arrowprops=dict(arrowstyle="-", linewidth=0.4, color="grey") if abs(h - dy) > 1 else None)
+    ax.set_xlabel("validation Model Utility / full model's")
     ax.set_ylabel("Forget Quality (KS p-value, log)")
-    ax.set_title("TOFU forget01, SmolLM2-135M-Instruct")
+    ax.set_title("TOFU forget01 (40 rows), SmolLM2-135M-Instruct: every sweep point, Pareto frontier per method")
+    ax.title.set_fontsize(9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- the study
-def run_study(cfg: StudyConfig, command: str = "bin/study tofu-smollm2", log: Callable[[str], None] = _log) -> dict:
-    """Run (or resume) every stage; returns the report."""
-    from alter_jax.io.hf import load_pretrained, load_tokenizer
-    from alter_jax.generate import model_fns
-    from alter_jax.train.loop import load_run_result, resolve_run_model, unlearn
+def _plot_relearn(rep: dict, path: Path) -> None:
+    import matplotlib
 
-    work = Path(cfg.work_dir)
-    data_dir = work / "data"
-    if not (data_dir / "counts.json").is_file():
-        counts = build_data(cfg, data_dir)
-        _write_json(data_dir / "counts.json", counts)
-    from alter_jax.study.fluency import copy_idk_answers
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    copy_idk_answers(cfg.tofu_dir, data_dir)  # IdkNLL / IdkDPO (--methods) read it from the subset
-    log(f"data {_read_json(data_dir / 'counts.json')}")
-    report = lambda: write_report(cfg, work, command)  # noqa: E731
-
-    backbone: list = []  # the untouched SmolLM2's LogitsFn: scores every model's greedy answers (generated_ppl)
-
-    def ppl_fn():
-        if not backbone:
-            backbone.append(model_fns(load_pretrained(resolve_run_model(cfg.model, progress=False)))[0])
-        return backbone[0]
-
-    def eval_stage(name: str, load) -> None:
-        out = work / "eval" / name
-        if _eval_done(out):
-            return
-        log(f"eval {name}")
-        lf, gf, tok = load()
-        s = evaluate_model(cfg, lf, gf, tok, data_dir, out, ppl_logits_fn=ppl_fn(),
-                           ppl_reference=f"untouched {cfg.model}")
-        log(f"eval {name}: MU {mu_text(s['model_utility'], s.get('parts'))} forget ROUGE {s['forget']['Forget ROUGE']:.3f} "
-            f"({s['eval_wall_s']:.0f} s)")
-        report()
-
-    def load_folder(folder):
-        def f():
-            m = load_pretrained(folder)
-            lf, gf = model_fns(m)
-            return lf, gf, load_tokenizer(folder)
-        return f
-
-    eval_stage("untouched", load_folder(resolve_run_model(cfg.model, progress=False)))
-    models = work / "models"
-    for name, split in (("full", "full"), ("retain", "retain")):
-        if not (models / name / "finetune.json").is_file():
-            log(f"finetune {name}")
-            info = finetune_model(cfg, split, data_dir, models / name)
-            log(f"finetune {name}: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['wall_s']:.0f} s)")
-        eval_stage(name, load_folder(models / name))
-
-    def speed_stage():
-        if _speed_stage(cfg, work, models, data_dir, log):
-            report()
-
-    for name, (method, run_cfg, _) in run_specs(cfg).items():
-        rd = work / "runs" / name
-        if not (rd / "report.json").is_file():
-            log(f"unlearn {name}")
-            r = unlearn(run_config(run_cfg, method, models / "full", data_dir, rd), progress=False,
-                        log=lambda *_: None)
-            log(f"unlearn {name}: {r['steps']} steps, {r['wall_s']:.0f} s")
-
-        def load_run(rd=rd):
-            _, tok, lf, gf = load_run_result(rd)
-            return lf, gf, tok
-        eval_stage(name, load_run)
-        speed_stage()
-    speed_stage()
-    rep = report()
-    log(f"report written to {cfg.out_dir}")
-    return rep
-
-
-def _speed_stage(cfg: StudyConfig, work: Path, models: Path, data_dir: Path, log) -> bool:
-    """speed.json once the lora_gd (and alter) runs exist; returns True when written."""
-    runs = work / "runs"
-    if (work / "speed.json").is_file() or "lora_gd" not in cfg.methods:
-        return False
-    if not (runs / "lora_gd" / "report.json").is_file():
-        return False
-    if "alter" in cfg.methods and not (runs / "alter" / "report.json").is_file():
-        return False
-    ours = our_epoch_speed(runs / "lora_gd", cfg)
-    alter = our_epoch_speed(runs / "alter", cfg) if "alter" in cfg.methods else None
-    torch_res = None
-    if cfg.torch_speed:
-        log("speed: transformers + PEFT LoRA-GD epoch")
-        torch_res = torch_lora_gd_epoch(cfg, models / "full", data_dir)
-    _write_json(work / "speed.json", speed_summary(ours, alter, torch_res))
-    return True
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for i, (m, e) in enumerate(rep["methods"].items()):
+        curve = (e["best"] or {}).get("relearn")
+        if not curve:
+            continue
+        ks = [c["steps"] for c in curve]
+        for ax, key in zip(axes, ("forget_prob", "forget_rouge")):
+            ax.plot(ks, [c[key] for c in curve], marker="*" if m == "alter" else "o", color=f"C{i % 10}", label=m,
+                    linewidth=2.2 if m == "alter" else 1.0)
+    for ax, lab in zip(axes, ("forget Prob. (held-out half)", "forget ROUGE-L (held-out half)")):
+        ax.set_xlabel("relearning steps k")
+        ax.set_ylabel(lab)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
+    fig.suptitle("Relearning attack on each method's best setting", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p) -> None:
     """The ``tofu-smollm2`` options (shared by ``bin/study tofu-smollm2`` and ``python -m``)."""
-    p.add_argument("--quick", action="store_true", help="tiny scale (4+4 rows, 1 epoch, alter + lora_gd; tests)")
-    p.add_argument("--work-dir", default=None, help="stage outputs (default: runs/study_smollm2[_quick])")
-    p.add_argument("--out", default=None, help="report folder (default: studies/tofu_smollm2)")
+    p.add_argument("--quick", action="store_true", help="tiny scale (2 rows per author, alter + ga; tests)")
+    p.add_argument("--plan", action="store_true", help="print the stages and their estimated minutes, run nothing")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop before a stage that would start after this many minutes (rerun to continue)")
+    p.add_argument("--work-dir", default=None, help="big stage outputs (default: runs/study_smollm2[_quick])")
+    p.add_argument("--out", default=None, help="report and stage records (default: studies/tofu_smollm2)")
     p.add_argument("--tofu-dir", default=StudyConfig.tofu_dir, help="TOFU folder (default: %(default)s)")
     p.add_argument("--methods", default=None, help=f"comma list (default: {','.join(METHODS)})")
-    p.add_argument("--no-torch-speed", action="store_true", help="skip the transformers + PEFT speed epoch")
-    p.add_argument("--no-variants", action="store_true", help="only the methods at their default settings")
+    p.add_argument("--keep-runs", action="store_true", help="keep every run folder (default: deleted per method)")
 
 
 def config_from_args(args) -> StudyConfig:
-    kw: dict[str, Any] = {"tofu_dir": args.tofu_dir, "torch_speed": not args.no_torch_speed}
-    if args.no_variants:
-        kw["variants"] = ()
+    kw: dict[str, Any] = {"tofu_dir": args.tofu_dir, "max_minutes": args.max_minutes, "keep_runs": args.keep_runs}
     if args.work_dir:
         kw["work_dir"] = args.work_dir
     if args.out:
@@ -601,8 +1052,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(p.parse_args(argv))
-    run_study(cfg, command=" ".join(["bin/study", "tofu-smollm2", *argv]))
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.plan:
+        print(plan_text(plan(cfg)))
+        return 0
+    Study(cfg, command=" ".join(["bin/study", "tofu-smollm2", *argv])).run()
     return 0
 
 
