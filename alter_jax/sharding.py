@@ -297,20 +297,22 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def shard_train_step(settings, tx, state, frozen, batch, mesh: Mesh, *, donate: bool = True, rules=PARTITION_RULES,
-                     place_batch: bool = True, activation_rules=None):
+                     place_batch: bool = True, activation_rules=None, reuse_key=None):
     """Jit the train step for ``mesh`` and place its inputs.
 
     Returns ``(step, state, frozen, batch)``: call ``step(state, frozen, batch)``; later
     batches go through ``place(batch, in_shardings[2])``, :func:`batch_shardings` or (each
     process its own rows) :func:`global_batch`. ``place_batch=False``: ``batch`` may be abstract
-    (``ShapeDtypeStruct`` leaves: only its structure is used) and is returned as it is. The step
+    (``ShapeDtypeStruct`` leaves: only its structure is used) and is returned as it is.
+    ``reuse_key``: see :func:`alter_jax.train.step.jit_train_step`. The step
     traces under ``activation_rules`` (e.g. :data:`ACTIVATION_RULES`; default ``None``: parameters and
     batch sharded, activations left to XLA's partitioner, which measured less memory at 7B depth).
     """
     from alter_jax.train.step import jit_train_step  # train imports nothing from here
 
     in_sh, out_sh = train_step_shardings(state, frozen, batch, mesh, rules)
-    step = jit_train_step(settings, tx, in_shardings=in_sh, out_shardings=out_sh, donate=donate)
+    step = jit_train_step(settings, tx, in_shardings=in_sh, out_shardings=out_sh, donate=donate,
+                          reuse_key=reuse_key if activation_rules is None else None)
     if activation_rules is not None:
         step = _Traced(step, mesh, activation_rules)
     state, frozen = place((state, frozen), in_sh[:2])

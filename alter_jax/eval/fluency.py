@@ -130,20 +130,34 @@ def token_logprobs(
     n_batches = (len(sequences) + batch_size - 1) // batch_size
     batches = length_sorted_batches(sequences, batch_size, pad_id, pad_multiple)
     for idx, ids, mask in tqdm(batches, total=n_batches, desc=desc, disable=not progress):
-        logits = np.asarray(logits_fn(ids, mask))
-        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-            raise ValueError(f"LogitsFn returned shape {logits.shape}; expected [B, T, V] with B, T = {ids.shape}")
+        logits = logits_fn(ids, mask)
+        if np.ndim(logits) != 3 or tuple(np.shape(logits)[:2]) != ids.shape:
+            raise ValueError(f"LogitsFn returned shape {np.shape(logits)}; expected [B, T, V] with B, T = {ids.shape}")
+        lp = _next_token_logprobs(logits, ids)  # [B, T - 1]: only these leave the device, not [B, T, V]
         for r, i in enumerate(idx):
             n = len(sequences[i])
-            if n < 2:
-                out[i] = np.zeros((0,), np.float64)
-                continue
-            x = logits[r, : n - 1].astype(np.float64)
-            m = x.max(-1, keepdims=True)
-            lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
-            tgt = np.asarray(sequences[i][1:])
-            out[i] = x[np.arange(n - 1), tgt] - lse
+            out[i] = lp[r, : n - 1] if n >= 2 else np.zeros((0,), np.float64)
     return out  # type: ignore[return-value]
+
+
+_TARGET_LOGPROBS = None
+
+
+def _next_token_logprobs(logits, ids: np.ndarray) -> np.ndarray:
+    """``log_softmax(logits[:, t])[ids[:, t + 1]]`` for t < T − 1, computed where the logits are (jitted,
+    float32 log-sum-exp) -> ``float64[B, T − 1]``."""
+    global _TARGET_LOGPROBS
+    if _TARGET_LOGPROBS is None:
+        import jax
+        import jax.numpy as jnp
+
+        def f(x, tgt):
+            x = x[:, :-1].astype(jnp.float32)
+            picked = jnp.take_along_axis(x, tgt[:, 1:, None], axis=-1)[..., 0]
+            return picked - jax.nn.logsumexp(x, axis=-1)
+
+        _TARGET_LOGPROBS = jax.jit(f)
+    return np.asarray(_TARGET_LOGPROBS(logits, np.asarray(ids, np.int32)), np.float64)
 
 
 def answer_perplexities(

@@ -279,7 +279,10 @@ def run_config(cfg: StudyConfig, s: Setting, model_dir: Path, data_dir: Path, ou
     from alter_jax.adapters.lora import AdapterConfig
 
     return C.RunConfig(
-        model=C.ModelSpec(name=str(model_dir), prompt_format="auto", max_length=cfg.max_length),
+        # one length bucket (= max_length): every batch has one shape, so each run compiles its step once
+        # (a compile of the SmolLM2 step costs 45-120 s here; the padding it adds costs less)
+        model=C.ModelSpec(name=str(model_dir), prompt_format="auto", max_length=cfg.max_length,
+                          length_bucket=cfg.max_length),
         adapter=AdapterConfig(retain_bias=s.retain_bias),
         entropy=C.EntropyConfig(threshold="quantile", value=s.threshold, q=s.q),
         optim=C.OptimConfig(lr=s.lr, lr_b=s.lr),
@@ -499,8 +502,11 @@ class Study:
                 shutil.rmtree(rd)  # a run interrupted mid-way restarts: stages are whole runs
             self.log(f"unlearn {s.name}")
             t = time.perf_counter()
-            r = unlearn(run_config(self.cfg, s, self.model_dir("full"), self.data_dir, rd), progress=False,
-                        log=lambda *_: None)
+            logs = self.work / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            with open(logs / f"{s.name}.log", "a", encoding="utf-8") as fh:  # the trainer's own log, per run
+                r = unlearn(run_config(self.cfg, s, self.model_dir("full"), self.data_dir, rd), progress=False,
+                            log=lambda *a: print(*a, file=fh, flush=True))
             self.log(f"unlearn {s.name}: {r['steps']} steps, {r['wall_s']:.0f} s")
             if self.record(f"run_{s.name}") is None:
                 self.save(f"run_{s.name}", {"setting": s.public(), "seed": s.seed, "steps": r["steps"],

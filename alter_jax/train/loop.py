@@ -41,7 +41,7 @@ from alter_jax.data.batching import (batch_indices, bucket_batch, bucket_dims, b
 from alter_jax.entropy import fit_threshold
 from alter_jax.train.checkpoint import RunCheckpointer, write_json_atomic
 from alter_jax.train.methods import IDK_LOSSES, MethodSpec, backbone_filter, get_method, uses_idk
-from alter_jax.train.optim import group_learning_rates, make_optimizer
+from alter_jax.train.optim import group_learning_rates, make_optimizer, optimizer_key
 from alter_jax.train.prepare import answer_token_values, backbone_statistics, encode, subdomain_experts
 from alter_jax.train.step import Frozen, StepSettings, init_state, jit_train_step, split_model, term_counts
 
@@ -675,7 +675,8 @@ def _unlearn(run: C.RunConfig, out: Path, *, progress: bool, log: Callable[[str]
         example = {**example, "weights": {t: np.float32(1.0) for t in term_counts(_device_batch(example), settings)}}
     mine = process_batch_rows(mesh, run.train.batch_size)  # the rows of each global batch this process loads
     abstract_batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), example)
-    step_fn, state, frozen, _ = shard_train_step(settings, tx, state, frozen, abstract_batch, mesh, place_batch=False)
+    step_fn, state, frozen, _ = shard_train_step(settings, tx, state, frozen, abstract_batch, mesh, place_batch=False,
+                                                 reuse_key=optimizer_key(lrs, run.optim))
     bar = tqdm(total=total_steps, initial=int(state.step), desc=f"unlearn[{method.name}]", disable=not progress)
     t0, tokens = time.perf_counter(), 0
     done = int(state.step) >= total_steps
@@ -776,7 +777,7 @@ def _phase1(model, method, run, arrays, threshold, progress, metrics_file):
     lrs1 = group_learning_rates(method, run.optim, "phase1")
     tx = make_optimizer(lrs1, run.optim)
     state = init_state(trainable, tx)
-    step_fn = jit_train_step(_settings(method, run, threshold, "phase1"), tx)
+    step_fn = jit_train_step(_settings(method, run, threshold, "phase1"), tx, reuse_key=optimizer_key(lrs1, run.optim))
     main = _main_process()
     if metrics_file.exists() and main:
         metrics_file.unlink()

@@ -5,6 +5,11 @@ group its own AdamW and learning rate through ``optax.multi_transform``. Groups 
 method freezes get ``optax.set_to_zero()`` (no optimizer state); the frozen backbone of
 adapter methods is not in the trainable pytree at all, so it has neither gradients nor
 state.
+
+Each group's learning rate is a value of the optimizer *state* (``optax.inject_hyperparams``),
+not a constant of the compiled program: two runs that differ only in learning rates have the
+same update rule (:func:`optimizer_key`), so one process reuses one compiled train step for a
+learning-rate sweep (``train.step.jit_train_step``'s ``reuse_key``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ def _schedule(lr: float, warmup: int) -> optax.Schedule | float:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
+def optimizer_key(lrs: dict[str, float], optim: OptimConfig) -> tuple | None:
+    """A hashable identity of :func:`make_optimizer`'s *update rule*: equal keys give equal updates
+    for any learning rates (those live in the optimizer state), so a compiled step built with one
+    optimizer serves another with the same key. ``None`` when a warm-up schedule bakes the learning
+    rate into the update (no reuse)."""
+    if optim.warmup_steps > 0:
+        return None
+    return (tuple(sorted((g, lr == 0.0) for g, lr in lrs.items())), float(optim.weight_decay),
+            float(optim.clip_norm), int(optim.grad_accum))
+
+
 def make_optimizer(lrs: dict[str, float], optim: OptimConfig) -> optax.GradientTransformation:
     """``multi_transform`` keyed by the top-level group names of the trainable dict."""
     transforms = {}
@@ -40,7 +56,8 @@ def make_optimizer(lrs: dict[str, float], optim: OptimConfig) -> optax.GradientT
         if lr == 0.0:
             transforms[group] = optax.set_to_zero()
             continue
-        chain = [optax.adamw(_schedule(lr, optim.warmup_steps), weight_decay=optim.weight_decay)]
+        chain = [optax.inject_hyperparams(optax.adamw)(learning_rate=_schedule(lr, optim.warmup_steps),
+                                                        weight_decay=optim.weight_decay)]
         if optim.clip_norm > 0:
             chain.insert(0, optax.clip_by_global_norm(optim.clip_norm))
         transforms[group] = optax.chain(*chain)

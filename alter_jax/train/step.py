@@ -618,13 +618,43 @@ def train_step(state: TrainState, frozen: Frozen, batch: Batch, *, settings: Ste
     return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
-def jit_train_step(settings: StepSettings, tx, *, in_shardings=None, out_shardings=None, donate: bool = True):
-    """``jax.jit`` of :func:`train_step` with the static settings bound (compiled once)."""
+#: Jitted steps by (settings, optimizer key, shardings, donate): a process that runs several
+#: trainings differing only in learning rate or seed (a study's sweep) traces and compiles each
+#: step once. Bounded; the oldest entry goes first.
+_REUSED_STEPS: dict[tuple, Any] = {}
+_MAX_REUSED_STEPS = 8
+
+
+def _shardings_key(tree) -> tuple | None:
+    if tree is None:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple(leaves)
+
+
+def jit_train_step(settings: StepSettings, tx, *, in_shardings=None, out_shardings=None, donate: bool = True,
+                   reuse_key: tuple | None = None):
+    """``jax.jit`` of :func:`train_step` with the static settings bound (compiled once).
+
+    ``reuse_key`` (:func:`alter_jax.train.optim.optimizer_key` of ``tx``): return the step jitted
+    earlier in this process for the same settings, optimizer key and shardings, whose compiled
+    programs JAX then reuses (the learning rates are optimizer state, so the earlier ``tx``'s update
+    is this one's). ``None``: a new jit."""
+    key = None
+    if reuse_key is not None:
+        key = (settings, reuse_key, _shardings_key(in_shardings), _shardings_key(out_shardings), donate)
+        if key in _REUSED_STEPS:
+            return _REUSED_STEPS[key]
     fn = functools.partial(train_step, settings=settings, tx=tx)
     kw = {}
     if in_shardings is not None:
         kw.update(in_shardings=in_shardings, out_shardings=out_shardings)
-    return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
+    step = jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
+    if key is not None:
+        while len(_REUSED_STEPS) >= _MAX_REUSED_STEPS:
+            _REUSED_STEPS.pop(next(iter(_REUSED_STEPS)))
+        _REUSED_STEPS[key] = step
+    return step
 
 
 def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:

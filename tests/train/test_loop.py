@@ -455,3 +455,30 @@ def test_a_destroyed_but_finite_result_is_reported(tmp_path):
     assert w.startswith("retain answer prob fell from") and "(below half)" in w and "learning rate too high" in w
     assert f"warning: {w}" in logs
     assert json.loads((tmp_path / "r" / "report.json").read_text())["warnings"] == [w]
+
+
+def test_a_learning_rate_sweep_reuses_one_compiled_step_with_each_runs_own_rate(tmp_path):
+    """A study's sweep in one process: runs that differ only in learning rate share the jitted step
+    (the rates are optimizer state), yet each trains with its own rate, bitwise as a fresh process."""
+    from alter_jax.train import step as S
+
+    sections = dict(train={"max_steps": 3, "epochs": 1}, eval={"num_questions": 2, "max_new_tokens": 2, "batch_size": 4})
+
+    def adapter(name, lr_b, clear):
+        if clear:
+            S._REUSED_STEPS.clear()
+        unlearn(demo_run(tmp_path / name, optim={"lr_b": lr_b}, **sections), progress=False, log=lambda *_: None)
+        return load_file(tmp_path / name / "adapter" / "alter_adapter.safetensors")
+
+    a = adapter("a", 1e-3, True)
+    steps = dict(S._REUSED_STEPS)
+    traced = {k: f._cache_size() for k, f in steps.items()}
+    assert len(steps) >= 1  # the main step (and phase I where the config runs it)
+    b = adapter("b", 3e-3, False)
+    assert S._REUSED_STEPS == steps  # the same jitted objects ...
+    assert {k: f._cache_size() for k, f in steps.items()} == traced  # ... and no new trace or compile
+    b_fresh = adapter("b_fresh", 3e-3, True)
+    assert a.keys() == b.keys() == b_fresh.keys()
+    for k in b:
+        np.testing.assert_array_equal(b[k], b_fresh[k])
+    assert any(not np.array_equal(a[k], b[k]) for k in a)  # the second run used its own rate
