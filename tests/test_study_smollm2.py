@@ -19,7 +19,8 @@ def test_data_design_authors_and_disjoint_eval_slices(tofu_dir, tmp_path):
     counts = S.build_data(cfg, tmp_path / "data")
     assert counts["forget"] == 40 and counts["retain"] == 160 and counts["full"] == 200 and counts["holdout"] == 40
     for k in ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
-        assert counts[k] == 40 and counts["val_" + k] == 40
+        assert counts[k] == 40
+    assert (counts["val_retain_perturbed"], counts["val_real_authors_perturbed"]) == (24, 20)
     rd, vd = tmp_path / "data", tmp_path / "data_val"
     q = lambda split, d=rd: [r["question"] for r in load_tofu_split(split, str(d))]  # noqa: E731
     # forget = forget01's two authors, all 20 rows each, with perturbed answers for the truth ratio

@@ -14,7 +14,7 @@ Design (``StudyConfig`` holds every number; ``--plan`` prints the stages and the
   of Min-K% against the holdout authors, fluency) and the ROUGE of answers to the forget rows'
   ``paraphrased_question``.
 * **Validation evaluation** (``val/<name>``, the selection rule only): the same forget rows (Forget Quality
-  needs no generation), rows 5-9 of each retained author, real authors rows 40-79, world facts rows 40-79:
+  needs no generation), rows 5-7 of each retained author, real authors rows 40-59, world facts rows 40-59:
   disjoint from the reported utility rows; greedy answers of ``select_new_tokens``.
 * **Methods**: every method gets ``unlearn_epochs`` epochs over the 40 forget rows at batch 4 forget + 4
   retain (the same number of steps) and a sweep over ``lrs_full`` (full-parameter methods) or ``lrs_lora``
@@ -48,13 +48,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-METHODS = ("alter", "asymlora", "lora_gd", "ga", "graddiff", "npo", "npo_gd", "simnpo", "rmu")
+# run order: ALTER first (the claim), then the baselines that came closest in the issue-8 study
+METHODS = ("alter", "asymlora", "graddiff", "npo_gd", "simnpo", "lora_gd", "rmu", "npo", "ga")
 LORA_METHODS = ("alter", "asymlora", "lora_gd")
 SELECTION_RULE = (
     "Per method, among its sweep points (seed 0) whose validation Model Utility is at least mu_floor x the full "
     "model's validation Model Utility, the highest Forget Quality (ties: the higher validation MU). If no point "
     "keeps that utility, the highest hmean(FQ, MU / MU_full), and the method is flagged 'below the utility floor'. "
-    "Validation MU uses retained-author rows 5-9 per author, real-author rows 40-79 and world-fact rows 40-79, none "
+    "Validation MU uses retained-author rows 5-7 per author, real-author rows 40-59 and world-fact rows 40-59, none "
     "of which the reported Model Utility uses. ALTER's one-at-a-time variants start from its selected learning rate "
     "and compete with its learning-rate points under the same rule.")
 GOAL = ("ALTER's best setting reaches Forget Quality >= 0.05 with Model Utility >= 90 % of full (mean over seeds); "
@@ -77,8 +78,12 @@ class StudyConfig:
     retain_authors: tuple[int, ...] = tuple(range(8))
     holdout_authors: tuple[int, ...] = (8, 9)
     rows_per_author: int = 20  # 0 < n <= 20: the first n rows of each author (--quick cuts it)
-    eval_per_author: int = 5  # retained authors: rows [0, n) reported, [n, 2n) validation
-    eval_real_rows: int = 40  # real authors / world facts: rows [0, n) reported, [n, 2n) validation
+    eval_per_author: int = 5  # retained authors: rows [0, n) reported
+    eval_real_rows: int = 40  # real authors / world facts: rows [0, n) reported
+    # validation (selection only): retained-author rows [n, n + val_per_author), real authors / world
+    # facts rows [m, m + val_real_rows); smaller than the reported slices (an evaluation costs ~5 min)
+    val_per_author: int = 3
+    val_real_rows: int = 20
     max_length: int = 128
     max_new_tokens: int = 200  # reported answers (open-unlearning's budget)
     select_new_tokens: int = 48  # validation answers
@@ -100,7 +105,7 @@ class StudyConfig:
     keep_runs: bool = False
 
 
-QUICK = dict(rows_per_author=2, eval_per_author=1, eval_real_rows=2, max_length=128, max_new_tokens=8,
+QUICK = dict(rows_per_author=2, eval_per_author=1, eval_real_rows=2, val_per_author=1, val_real_rows=2, max_length=128, max_new_tokens=8,
              select_new_tokens=4, eval_batch=8, ft_epochs=1, ft_batch=4, unlearn_epochs=1, unlearn_batch=2,
              lrs_full=(1e-5,), lrs_lora=(1e-3, 3e-3), methods=("alter", "ga"), seeds=(0, 1), relearn_steps=(0, 1),
              work_dir="runs/study_smollm2_quick", out_dir="runs/study_smollm2_quick/out")
@@ -217,7 +222,7 @@ def build_data(cfg: StudyConfig, dest: Path) -> dict[str, int]:
     n = cfg.eval_per_author
     per_author = [[perturbed[r["question"]] for r in blocks[a][: cfg.rows_per_author]] for a in cfg.retain_authors]
     retain_eval = [r for rows in per_author for r in rows[:n]]
-    retain_val = [r for rows in per_author for r in rows[n:2 * n]]
+    retain_val = [r for rows in per_author for r in rows[n:n + cfg.val_per_author]]
     m = cfg.eval_real_rows
     real, world = load_tofu_split("real_authors_perturbed", src), load_tofu_split("world_facts_perturbed", src)
     qa = lambda rows: [{"question": r["question"], "answer": r["answer"]} for r in rows]  # noqa: E731
@@ -227,8 +232,9 @@ def build_data(cfg: StudyConfig, dest: Path) -> dict[str, int]:
     folders = {
         dest: {**common, "retain_perturbed": retain_eval, "real_authors_perturbed": real[:m],
                "world_facts_perturbed": world[:m]},
-        val_dir(dest): {**common, "retain_perturbed": retain_val, "real_authors_perturbed": real[m:2 * m],
-                        "world_facts_perturbed": world[m:2 * m]},
+        val_dir(dest): {**common, "retain_perturbed": retain_val,
+                        "real_authors_perturbed": real[m:m + cfg.val_real_rows],
+                        "world_facts_perturbed": world[m:m + cfg.val_real_rows]},
     }
     counts: dict[str, int] = {}
     for folder, splits in folders.items():
@@ -730,8 +736,8 @@ def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
                            "retain": len(cfg.retain_authors) * cfg.eval_per_author,
                            "real_authors": cfg.eval_real_rows, "world_facts": cfg.eval_real_rows,
                            "holdout": len(cfg.holdout_authors) * cfg.rows_per_author},
-             "validation_rows": {"retain": len(cfg.retain_authors) * cfg.eval_per_author,
-                                 "real_authors": cfg.eval_real_rows, "world_facts": cfg.eval_real_rows},
+             "validation_rows": {"retain": len(cfg.retain_authors) * cfg.val_per_author,
+                                 "real_authors": cfg.val_real_rows, "world_facts": cfg.val_real_rows},
              "seeds": list(cfg.seeds), "seeds_finished": seeds,
              "unlearn_steps": cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author
                                                              / cfg.unlearn_batch),
@@ -816,8 +822,9 @@ def write_report(cfg: StudyConfig, out: Path, rep: dict) -> None:
          f"- reported evaluation: {sc['eval_rows']['forget']} forget rows, {sc['eval_rows']['retain']} retained-author "
          f"rows (rows 0-{cfg.eval_per_author - 1} of each), {cfg.eval_real_rows} real-author and {cfg.eval_real_rows} "
          f"world-fact rows, greedy answers of {cfg.max_new_tokens} new tokens; validation (selection only): the "
-         f"forget rows, retained-author rows {cfg.eval_per_author}-{2 * cfg.eval_per_author - 1}, real authors / world "
-         f"facts rows {cfg.eval_real_rows}-{2 * cfg.eval_real_rows - 1}, {cfg.select_new_tokens} new tokens.",
+         f"forget rows, retained-author rows {cfg.eval_per_author}-{cfg.eval_per_author + cfg.val_per_author - 1}, real "
+         f"authors / world facts rows {cfg.eval_real_rows}-{cfg.eval_real_rows + cfg.val_real_rows - 1}, "
+         f"{cfg.select_new_tokens} new tokens.",
          f"- unlearning: {sc['unlearn_steps']} steps ({cfg.unlearn_epochs} epochs) of {sc['unlearn_batch']} rows for "
          f"every method; learning rates {', '.join(f'{x:g}' for x in cfg.lrs_full)} (full-parameter) and "
          f"{', '.join(f'{x:g}' for x in cfg.lrs_lora)} (LoRA B / ALTER experts; ALTER A 1e-5, router 1e-2); "
