@@ -74,6 +74,8 @@ def test_settings_names_and_run_configs_share_the_budget():
     var = S.alter_variants(sweep[1])
     assert [v.name for v in var] == ["alter_lr0.001_thr0.5", "alter_lr0.001_q2", "alter_lr0.001_N3", "alter_lr0.001_rb0"]
     assert sweep[1].with_seed(2).name == "alter_lr0.001_s2"
+    # retain_bias is an inference-time router offset: its variant evaluates the trained run of its lr
+    assert var[3].trained == sweep[1] and var[0].trained == var[0] and var[3].with_seed(1).trained.name == "alter_lr0.001_s1"
     runs = [S.run_config(cfg, s, Path("m"), Path("d"), Path("o")) for s in (sweep[0], *var, S.lr_sweep(cfg, "ga")[0])]
     assert {(r.train.epochs, r.train.batch_size) for r in runs} == {(cfg.unlearn_epochs, cfg.unlearn_batch)}
     assert runs[1].entropy.value == 0.5 and runs[2].entropy.q == 2.0 and runs[3].data.num_subdomains == 3
@@ -186,6 +188,11 @@ def test_finished_stages_are_skipped_and_max_minutes_stops(tmp_path):
         f.unlink()
     st2 = S.Study(S.StudyConfig(**{**S.dataclasses.asdict(cfg), "max_minutes": 1e-9}), "x", log=lambda *_: None)
     assert st2.method_stage("ga", 0.5) is False
+    # a STOP file in the work folder stops the same way (an operator's clean stop between stages)
+    assert not st.out_of_time()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "STOP").touch()
+    assert st.out_of_time() and st.method_stage("ga", 0.5) is False
 
 
 def test_stage_log_and_records_are_written(tmp_path):

@@ -41,15 +41,22 @@ from alter_jax.gated import GateConfig, _backbone, gated_logits, token_entropy_f
 from alter_jax.models.llama import linear_layers
 
 
-@contextlib.contextmanager
-def adapter_settings(model, **changes):
-    """Temporarily replace fields of every adapter's ``AdapterConfig`` (e.g. ``retain_bias``,
-    ``top_k``, ``tau_high``, ``tau_low``): inference-time knobs, no retraining."""
+def replace_adapter_fields(model, **changes) -> list:
+    """Replace fields of every asymmetric adapter's ``AdapterConfig`` in place (inference-time knobs:
+    ``retain_bias``, ``top_k``, ``tau_high``, ``tau_low``; no retraining). Returns the old configs."""
     ads = [lin.adapter for lin in linear_layers(model).values() if isinstance(lin.adapter, AsymLoRA)]
     old = [ad.cfg for ad in ads]
+    for ad in ads:
+        ad.cfg = dataclasses.replace(ad.cfg, **changes)
+    return old
+
+
+@contextlib.contextmanager
+def adapter_settings(model, **changes):
+    """Temporarily replace fields of every adapter's ``AdapterConfig`` (:func:`replace_adapter_fields`)."""
+    ads = [lin.adapter for lin in linear_layers(model).values() if isinstance(lin.adapter, AsymLoRA)]
+    old = replace_adapter_fields(model, **changes)
     try:
-        for ad in ads:
-            ad.cfg = dataclasses.replace(ad.cfg, **changes)
         yield model
     finally:
         for ad, c in zip(ads, old):

@@ -64,6 +64,7 @@ GOAL = ("ALTER's best setting reaches Forget Quality >= 0.05 with Model Utility 
 # ALTER's settings the paper leaves open: (label, field, default, variant value)
 ALTER_OPEN = (("thr", "threshold", 0.3, 0.5), ("q", "q", 1.0, 2.0), ("N", "num_subdomains", 2, 3),
               ("rb", "retain_bias", 2.0, 0.0))
+RETAIN_BIAS_DEFAULT = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,12 @@ class Setting:
 
     def with_seed(self, seed: int) -> "Setting":
         return dataclasses.replace(self, seed=seed)
+
+    @property
+    def trained(self) -> "Setting":
+        """The run that ``self`` evaluates: ``retain_bias`` is an inference-time router offset (training
+        never reads it), so settings that differ only there share one trained run."""
+        return dataclasses.replace(self, retain_bias=RETAIN_BIAS_DEFAULT)
 
     def public(self) -> dict[str, Any]:
         d = {"method": self.method, "lr": self.lr}
@@ -420,8 +427,9 @@ class Study:
         return rec
 
     def out_of_time(self) -> bool:
+        """``--max-minutes`` reached, or a ``STOP`` file in the work folder (stop at the next stage)."""
         lim = self.cfg.max_minutes
-        return bool(lim) and (time.perf_counter() - self.t_start) / 60.0 >= lim
+        return (bool(lim) and (time.perf_counter() - self.t_start) / 60.0 >= lim) or (self.work / "STOP").exists()
 
     def ppl_fn(self):
         """The untouched SmolLM2's logits: scores every model's greedy answers (generated perplexity)."""
@@ -499,9 +507,10 @@ class Study:
         return load
 
     def run_dir(self, s: Setting) -> Path:
-        """The finished run folder of ``s`` (trained now if missing); records ``run_<name>``."""
+        """The finished run folder of ``s.trained`` (trained now if missing); records ``run_<name>``."""
         from alter_jax.train.loop import unlearn
 
+        s = s.trained
         rd = self.work / "runs" / s.name
         if not (rd / "report.json").is_file():
             if rd.exists():
@@ -523,7 +532,11 @@ class Study:
         def load():
             from alter_jax.train.loop import load_run_result
 
-            _, tok, lf, gf = load_run_result(self.run_dir(s))
+            model, tok, lf, gf = load_run_result(self.run_dir(s))
+            if s.retain_bias != s.trained.retain_bias:  # the trained run, evaluated with this router offset
+                from alter_jax.eval.routing import replace_adapter_fields
+
+                replace_adapter_fields(model, retain_bias=s.retain_bias)
             return lf, gf, tok
         return load
 
@@ -540,10 +553,18 @@ class Study:
 
         t = time.perf_counter()
         self.log(f"relearn {s.name}")
-        res = relearn(self.run_dir(s), RelearnConfig(steps=self.cfg.relearn_steps, mode="full", lr=self.cfg.relearn_lr,
+        from alter_jax.eval.relearn import load_run
+
+        rd = self.run_dir(s)
+        loaded = load_run(rd)
+        if s.retain_bias != s.trained.retain_bias:  # as evaluated: the trained run with this router offset
+            from alter_jax.eval.routing import replace_adapter_fields
+
+            replace_adapter_fields(loaded.model, retain_bias=s.retain_bias)
+        res = relearn(rd, RelearnConfig(steps=self.cfg.relearn_steps, mode="full", lr=self.cfg.relearn_lr,
                                                      max_new_tokens=self.cfg.select_new_tokens,
                                                      eval_batch_size=self.cfg.eval_batch),
-                      out=self.work / "relearn" / method, progress=False, log=lambda *_: None)
+                      out=self.work / "relearn" / method, progress=False, log=lambda *_: None, loaded=loaded)
         curve = [{"steps": r["k"], "forget_prob": r["prob"], "forget_rouge": r["rouge_l_recall"],
                   "forget_truth_ratio": r.get("truth_ratio"), "retain_prob": r.get("retain_prob")}
                  for r in res["schedule"]]
