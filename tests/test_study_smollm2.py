@@ -81,7 +81,7 @@ def test_settings_names_and_run_configs_share_the_budget():
     assert runs[1].entropy.value == 0.5 and runs[2].entropy.q == 2.0 and runs[3].data.num_subdomains == 3
     assert runs[4].adapter.retain_bias == 0.0 and runs[-1].optim.lr == 1e-5
     p = S.plan(cfg)
-    assert p["scale"] == {"forget_rows": 40, "retain_rows": 160, "unlearn_steps": 50, "runs": 31 + 2 * 9,
+    assert p["scale"] == {"forget_rows": 40, "retain_rows": 160, "unlearn_steps": 50, "runs": 30 + 2 * 9,
                           "seeds": [0, 1, 2]}
     assert len(p["stages"]) == 2 + 9 and p["total_minutes"] > 0 and "mu_floor" in p["selection_rule"]
 
@@ -217,7 +217,8 @@ def test_cli_options_build_the_config(tofu_dir, capsys):
         S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--methods", "nope"]))
     assert S.main(["--plan", "--tofu-dir", str(tofu_dir)]) == 0
     out = capsys.readouterr().out
-    assert "alter: 7 sweep runs + 2 seeds + relearning" in out and "total (estimate)" in out
+    assert "alter: 7 sweep points (6 trained) + 2 seeds + relearning" in out and "total (estimate)" in out
+    assert "measured so far" in out
 
 
 def test_model_utility_that_one_zero_part_forces_is_named_not_printed_as_zero():

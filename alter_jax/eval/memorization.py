@@ -114,16 +114,24 @@ def token_stats(
     attention_mask: np.ndarray,
     labels: np.ndarray,
     batch_size: int = 8,
+    length_bucket: int = 32,
 ) -> list[TokenStats]:
-    """:class:`TokenStats` of every row of ``int32[N, T]`` arrays, in static
-    ``[batch_size, T]`` batches (the last one padded by repeating its last row)."""
-    out: list[TokenStats] = []
-    n = len(input_ids)
+    """:class:`TokenStats` of every row of right-padded ``int32[N, T]`` arrays, longest rows first in
+    ``[batch_size, W]`` batches (the last one padded by repeating its last row), ``W`` the batch's longest
+    row rounded up to ``length_bucket`` (0: always ``T``); returned in the rows' order."""
+    from alter_jax.data.batching import bucket_width
+
+    n, t = np.shape(input_ids)
+    out: list[TokenStats | None] = [None] * n
+    lengths = np.asarray(attention_mask).sum(axis=1)
+    order = np.argsort(-lengths, kind="stable")
     for s in range(0, n, batch_size):
-        e = min(s + batch_size, n)
-        logits = logits_fn(pad_rows(input_ids[s:e], batch_size), pad_rows(attention_mask[s:e], batch_size))
-        out.extend(batch_token_stats(logits, pad_rows(labels[s:e], batch_size))[: e - s])
-    return out
+        rows = order[s:s + batch_size]
+        w = bucket_width(int(lengths[rows].max(initial=1)), length_bucket, t)
+        logits = logits_fn(pad_rows(input_ids[rows, :w], batch_size), pad_rows(attention_mask[rows, :w], batch_size))
+        for i, st in zip(rows, batch_token_stats(logits, pad_rows(labels[rows, :w], batch_size))):
+            out[i] = st
+    return out  # type: ignore[return-value]
 
 
 def exact_memorization(match: np.ndarray) -> float | None:

@@ -166,25 +166,31 @@ def score_answers(
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "scoring",
+    length_bucket: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Σ answer NLL and answer token count for each (question, answer) pair.
 
-    Returns ``(loss_sum float64[N], num_tokens int64[N])``; batches have a static shape
-    ``[batch_size, max_length]`` (the last one padded by repetition, extra rows dropped).
+    Returns ``(loss_sum float64[N], num_tokens int64[N])``. Rows are scored longest first in batches of
+    ``batch_size`` (the last one padded by repetition, extra rows dropped), each right-padded batch cut
+    to its longest row rounded up to ``length_bucket`` (a few static shapes; 0 = always ``max_length``):
+    causal attention makes a row's scores independent of the padding after it.
     """
+    from alter_jax.data.batching import bucket_width
+
     enc = encode_qa_batch(tokenizer, questions, answers, fmt, max_length)
     n = len(questions)
     sums = np.zeros(n, np.float64)
     counts = np.zeros(n, np.int64)
+    lengths = enc["attention_mask"].sum(axis=1)
+    order = np.argsort(-lengths, kind="stable")
     starts = range(0, n, batch_size)
     for s in _progress(starts, desc, len(starts), progress):
-        e = min(s + batch_size, n)
-        ids = pad_rows(enc["input_ids"][s:e], batch_size)
-        mask = pad_rows(enc["attention_mask"][s:e], batch_size)
-        labels = pad_rows(enc["labels"][s:e], batch_size)
+        rows = order[s:s + batch_size]
+        w = bucket_width(int(lengths[rows].max(initial=1)), length_bucket, max_length)
+        ids, mask, labels = (pad_rows(enc[k][rows, :w], batch_size) for k in ("input_ids", "attention_mask", "labels"))
         logits = logits_fn(ids, mask)
         ls, nt = answer_nll(logits, labels)
-        sums[s:e], counts[s:e] = ls[: e - s], nt[: e - s]
+        sums[rows], counts[rows] = ls[: len(rows)], nt[: len(rows)]
     if (counts == 0).any():
         i = int(np.argmax(counts == 0))
         raise ValueError(f"answer {i} ({answers[i][:40]!r}) has no scored token; raise max_length")

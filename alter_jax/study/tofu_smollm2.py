@@ -636,33 +636,38 @@ def _untouched_folder(cfg: StudyConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- plan
-STEP_S = {"alter": 6.0, "asymlora": 4.5, "lora_gd": 3.5, "ga": 2.5, "npo": 3.0, "graddiff": 4.5, "npo_gd": 5.0,
-          "simnpo": 4.5, "rmu": 3.5}  # s per 4 + 4 step, SmolLM2 at max_length 128 on the 2-core VM (estimates)
-COMPILE_S = {"alter": 120.0, "asymlora": 80.0}  # first step of a run; others 45 s
-EVAL_S = {"reported": 240.0, "val": 90.0}
-FT_STEP_S = 4.0
+# Wall seconds on the 2-core VM (2026-12-02; measured where marked, else scaled from bench_epoch.json's
+# per-step times): one whole unlearning run (load, entropy / reference pre-pass, compile, 50 steps, the
+# run's own check, export), and one evaluation of a plain or an entropy-gated (ALTER / AsymLoRA: a backbone
+# prefill for S, then the gated forward) model.
+RUN_S = {"alter": 467.0, "asymlora": 330.0, "lora_gd": 300.0, "ga": 230.0, "npo": 260.0, "graddiff": 330.0,
+         "npo_gd": 350.0, "simnpo": 330.0, "rmu": 260.0}  # alter measured
+GATED = ("alter", "asymlora")
+EVAL_S = {("val", False): 160.0, ("val", True): 409.0, ("reported", False): 316.0, ("reported", True): 800.0}
+FT_S = 342.0 + 400.0  # retain (measured) + full (200 rows; measured 722 s while tests shared the CPU)
+RELEARN_S = 420.0
 
 
 def plan(cfg: StudyConfig) -> dict[str, Any]:
-    """Every stage with its estimated minutes (estimates from the constants above; the real times land
-    in ``stages.jsonl``), the selection rule and the goal."""
+    """Every stage with its estimated minutes (the constants above; the real times land in
+    ``stages.jsonl``), the selection rule and the goal."""
     steps = cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author / cfg.unlearn_batch)
-    rows_full = (len(cfg.forget_authors) + len(cfg.retain_authors)) * cfg.rows_per_author
-    ft = cfg.ft_epochs * (math.ceil(rows_full / cfg.ft_batch) + math.ceil(rows_full * 0.8 / cfg.ft_batch)) * FT_STEP_S
-    stages = [{"stage": "finetune full + retain", "minutes": ft / 60},
+    stages = [{"stage": "finetune full + retain", "minutes": FT_S / 60, "keys": ["finetune_full", "finetune_retain"]},
               {"stage": "eval retain, full, untouched (reported) + full (validation)",
-               "minutes": (3 * EVAL_S["reported"] + EVAL_S["val"]) / 60}]
+               "minutes": (3 * EVAL_S[("reported", False)] + EVAL_S[("val", False)]) / 60,
+               "keys": ["eval_retain", "eval_full", "eval_untouched", "val_full"]}]
     n_runs = 0
     for m in cfg.methods:
         n_lr = len(cfg.lrs_lora if m in LORA_METHODS else cfg.lrs_full)
-        n_sweep = n_lr + (len(ALTER_OPEN) if m == "alter" and cfg.alter_variants else 0)
-        run_s = steps * STEP_S.get(m, 4.0) + COMPILE_S.get(m, 45.0)
+        n_var = len(ALTER_OPEN) if m == "alter" and cfg.alter_variants else 0
+        n_train = n_lr + max(n_var - 1, 0)  # the retain_bias variant reuses a trained run
         n_seed = len(cfg.seeds) - 1
-        relearn_s = cfg.relearn_steps[-1] * 4.0 + len(cfg.relearn_steps) * 40.0 + 60.0
-        mins = (n_sweep * (run_s + EVAL_S["val"]) + n_seed * run_s + len(cfg.seeds) * EVAL_S["reported"]
-                + relearn_s) / 60
-        stages.append({"stage": f"{m}: {n_sweep} sweep runs + {n_seed} seeds + relearning", "minutes": mins})
-        n_runs += n_sweep + n_seed
+        gated = m in GATED
+        mins = ((n_train + n_seed) * RUN_S.get(m, 330.0) + (n_lr + n_var) * EVAL_S[("val", gated)]
+                + len(cfg.seeds) * EVAL_S[("reported", gated)] + RELEARN_S) / 60
+        stages.append({"stage": f"{m}: {n_lr + n_var} sweep points ({n_train} trained) + {n_seed} seeds + relearning",
+                       "minutes": mins, "keys": [f"relearn_{m}"]})
+        n_runs += n_train + n_seed
     return {"scale": {"forget_rows": len(cfg.forget_authors) * cfg.rows_per_author,
                       "retain_rows": len(cfg.retain_authors) * cfg.rows_per_author, "unlearn_steps": steps,
                       "runs": n_runs, "seeds": list(cfg.seeds)},
@@ -671,10 +676,18 @@ def plan(cfg: StudyConfig) -> dict[str, Any]:
             "config": dataclasses.asdict(cfg)}
 
 
-def plan_text(p: dict) -> str:
-    lines = [f"{s['minutes']:7.1f} min  {s['stage']}" for s in p["stages"]]
-    return "\n".join([*lines, f"{p['total_minutes']:7.1f} min  total (estimate)", "", "Selection rule: "
-                      + p["selection_rule"]])
+def plan_text(p: dict, out_dir: Path | None = None) -> str:
+    """The plan as text; with ``out_dir``, finished stages (their last record exists) are marked and the
+    measured minutes so far (``stages.jsonl``) and the estimate of what remains are added."""
+    done = lambda st: out_dir is not None and all((out_dir / "stages" / f"{k}.json").is_file()  # noqa: E731
+                                                  for k in st["keys"])
+    lines = [f"{s['minutes']:7.1f} min  {s['stage']}{'  [done]' if done(s) else ''}" for s in p["stages"]]
+    lines.append(f"{p['total_minutes']:7.1f} min  total (estimate)")
+    if out_dir is not None:
+        left = sum(s["minutes"] for s in p["stages"] if not done(s))
+        lines.append(f"{_stage_minutes(out_dir):7.1f} min  measured so far ({out_dir / 'stages.jsonl'}); about "
+                     f"{left:.0f} min of unfinished stages (whole, by the estimate)")
+    return "\n".join([*lines, "", "Selection rule: " + p["selection_rule"]])
 
 
 # ----------------------------------------------------------------------------- report
@@ -1089,7 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if args.plan:
-        print(plan_text(plan(cfg)))
+        print(plan_text(plan(cfg), Path(cfg.out_dir)))
         return 0
     Study(cfg, command=" ".join(["bin/study", "tofu-smollm2", *argv])).run()
     return 0
