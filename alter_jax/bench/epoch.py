@@ -48,8 +48,9 @@ def study_arrays(tokenizer, tofu_dir: str | os.PathLike) -> tuple[dict, dict]:
 
     cfg = StudyConfig(tofu_dir=str(tofu_dir))
     with tempfile.TemporaryDirectory() as tmp:
-        build_data(cfg, Path(tmp))
-        rows = {s: load_tofu_split(s, tmp) for s in SIDES}
+        data = Path(tmp) / "data"  # build_data also writes data_val beside it
+        build_data(cfg, data)
+        rows = {s: load_tofu_split(s, str(data)) for s in SIDES}
     arrays = {s: encode(tokenizer, rows[s], "auto", cfg.max_length) for s in SIDES}
     return arrays, dataclasses.asdict(cfg)
 
