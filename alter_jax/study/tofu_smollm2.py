@@ -424,6 +424,7 @@ class Study:
         with open(self.out / "stages.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"stage": name, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
                      + "\n")
+        self.write_report()  # the report always shows every finished stage (a few seconds: tables and plots)
         return rec
 
     def out_of_time(self) -> bool:
