@@ -733,7 +733,8 @@ def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
                 if r is not None:
                     pts.append({**r, "name": s.name, "setting": s.public()})
         for p in pts:
-            p["mu_over_full_val"] = p["model_utility"] / full_val["model_utility"] if full_val else None
+            p["mu_over_full_val"] = (p["model_utility"] / full_val["model_utility"]
+                                     if full_val and full_val["model_utility"] else None)
             run = rec(f"run_{p['name']}")
             p["train_wall_s"] = run["wall_s"] if run else None
         entry: dict[str, Any] = {"sweep": [_sweep_row(p) for p in pts], "best": None}
