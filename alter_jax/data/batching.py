@@ -172,6 +172,18 @@ def bucket_width(n: int, multiple: int, max_width: int) -> int:
     return int(min(max_width, max(multiple, -(-n // multiple) * multiple)))
 
 
+def sorted_row_batches(lengths: np.ndarray, batch_size: int, multiple: int,
+                       max_width: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Batches of right-padded rows for scoring, longest first: yields ``(rows int[<= B], W)``, ``W`` the
+    batch's longest row rounded up to :func:`bucket_width` (causal attention: a row's scores do not depend
+    on the padding after it, so each batch is cut to ``[:, :W]``)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        yield rows, bucket_width(int(lengths[rows].max(initial=1)), multiple, max_width)
+
+
 def scored_positions(labels: np.ndarray, width: int) -> np.ndarray:
     """``int32[N, width]``: per row the logit positions ``t`` whose target ``labels[:, t + 1]`` is
     scored (``!= -100``), in order and compacted to the left, then ``-1``. ``width`` must hold the

@@ -119,15 +119,11 @@ def token_stats(
     """:class:`TokenStats` of every row of right-padded ``int32[N, T]`` arrays, longest rows first in
     ``[batch_size, W]`` batches (the last one padded by repeating its last row), ``W`` the batch's longest
     row rounded up to ``length_bucket`` (0: always ``T``); returned in the rows' order."""
-    from alter_jax.data.batching import bucket_width
+    from alter_jax.data.batching import sorted_row_batches
 
     n, t = np.shape(input_ids)
     out: list[TokenStats | None] = [None] * n
-    lengths = np.asarray(attention_mask).sum(axis=1)
-    order = np.argsort(-lengths, kind="stable")
-    for s in range(0, n, batch_size):
-        rows = order[s:s + batch_size]
-        w = bucket_width(int(lengths[rows].max(initial=1)), length_bucket, t)
+    for rows, w in sorted_row_batches(np.asarray(attention_mask).sum(axis=1), batch_size, length_bucket, t):
         logits = logits_fn(pad_rows(input_ids[rows, :w], batch_size), pad_rows(attention_mask[rows, :w], batch_size))
         for i, st in zip(rows, batch_token_stats(logits, pad_rows(labels[rows, :w], batch_size))):
             out[i] = st

@@ -41,26 +41,24 @@ from alter_jax.gated import GateConfig, _backbone, gated_logits, token_entropy_f
 from alter_jax.models.llama import linear_layers
 
 
-def replace_adapter_fields(model, **changes) -> list:
+def replace_adapter_fields(model, **changes) -> list[tuple[AsymLoRA, Any]]:
     """Replace fields of every asymmetric adapter's ``AdapterConfig`` in place (inference-time knobs:
-    ``retain_bias``, ``top_k``, ``tau_high``, ``tau_low``; no retraining). Returns the old configs."""
-    ads = [lin.adapter for lin in linear_layers(model).values() if isinstance(lin.adapter, AsymLoRA)]
-    old = [ad.cfg for ad in ads]
-    for ad in ads:
-        ad.cfg = dataclasses.replace(ad.cfg, **changes)
+    ``retain_bias``, ``top_k``, ``tau_high``, ``tau_low``; no retraining). Returns ``(adapter, old cfg)``."""
+    old = [(lin.adapter, lin.adapter.cfg) for lin in linear_layers(model).values() if isinstance(lin.adapter, AsymLoRA)]
+    for ad, cfg in old:
+        ad.cfg = dataclasses.replace(cfg, **changes)
     return old
 
 
 @contextlib.contextmanager
 def adapter_settings(model, **changes):
     """Temporarily replace fields of every adapter's ``AdapterConfig`` (:func:`replace_adapter_fields`)."""
-    ads = [lin.adapter for lin in linear_layers(model).values() if isinstance(lin.adapter, AsymLoRA)]
     old = replace_adapter_fields(model, **changes)
     try:
         yield model
     finally:
-        for ad, c in zip(ads, old):
-            ad.cfg = c
+        for ad, cfg in old:
+            ad.cfg = cfg
 
 
 @contextlib.contextmanager

@@ -175,18 +175,14 @@ def score_answers(
     to its longest row rounded up to ``length_bucket`` (a few static shapes; 0 = always ``max_length``):
     causal attention makes a row's scores independent of the padding after it.
     """
-    from alter_jax.data.batching import bucket_width
+    from alter_jax.data.batching import sorted_row_batches
 
     enc = encode_qa_batch(tokenizer, questions, answers, fmt, max_length)
     n = len(questions)
     sums = np.zeros(n, np.float64)
     counts = np.zeros(n, np.int64)
-    lengths = enc["attention_mask"].sum(axis=1)
-    order = np.argsort(-lengths, kind="stable")
-    starts = range(0, n, batch_size)
-    for s in _progress(starts, desc, len(starts), progress):
-        rows = order[s:s + batch_size]
-        w = bucket_width(int(lengths[rows].max(initial=1)), length_bucket, max_length)
+    batches = sorted_row_batches(enc["attention_mask"].sum(axis=1), batch_size, length_bucket, max_length)
+    for rows, w in _progress(batches, desc, -(-n // batch_size), progress):
         ids, mask, labels = (pad_rows(enc[k][rows, :w], batch_size) for k in ("input_ids", "attention_mask", "labels"))
         logits = logits_fn(ids, mask)
         ls, nt = answer_nll(logits, labels)

@@ -411,7 +411,6 @@ class Study:
         self.stages = self.out / "stages"
         self.data_dir = self.work / "data"
         self.t_start = time.perf_counter()
-        self._backbone = None
         self._ppl = None
 
     # bookkeeping
@@ -649,10 +648,15 @@ FT_S = 342.0 + 400.0  # retain (measured) + full (200 rows; measured 722 s while
 RELEARN_S = 420.0
 
 
+def unlearn_steps(cfg: StudyConfig) -> int:
+    """Optimizer steps of every unlearning run: epochs x forget batches."""
+    return cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author / cfg.unlearn_batch)
+
+
 def plan(cfg: StudyConfig) -> dict[str, Any]:
     """Every stage with its estimated minutes (the constants above; the real times land in
     ``stages.jsonl``), the selection rule and the goal."""
-    steps = cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author / cfg.unlearn_batch)
+    steps = unlearn_steps(cfg)
     stages = [{"stage": "finetune full + retain", "minutes": FT_S / 60, "keys": ["finetune_full", "finetune_retain"]},
               {"stage": "eval retain, full, untouched (reported) + full (validation)",
                "minutes": (3 * EVAL_S[("reported", False)] + EVAL_S[("val", False)]) / 60,
@@ -775,8 +779,7 @@ def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
              "validation_rows": {"retain": len(cfg.retain_authors) * cfg.val_per_author,
                                  "real_authors": cfg.val_real_rows, "world_facts": cfg.val_real_rows},
              "seeds": list(cfg.seeds), "seeds_finished": seeds,
-             "unlearn_steps": cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author
-                                                             / cfg.unlearn_batch),
+             "unlearn_steps": unlearn_steps(cfg),
              "unlearn_batch": f"{cfg.unlearn_batch} forget + {cfg.unlearn_batch} retain",
              "max_new_tokens": cfg.max_new_tokens, "select_new_tokens": cfg.select_new_tokens, "data_counts": data}
     minutes = _stage_minutes(out)
