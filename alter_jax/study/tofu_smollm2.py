@@ -401,6 +401,21 @@ def pareto_verdict(sweeps: dict[str, list[tuple[float, float]]], floor: float) -
     return {"met": all(not v["alter_below_at_mu"] for v in per.values()) if per else None, "per_baseline": per}
 
 
+def training_summary(metrics_file: Path) -> dict[str, dict[str, float]]:
+    """Per logged term of a run's ``metrics.jsonl``: its first and last value, min and max, so that a
+    collapse (ALTER seed 1) can be read from the committed stage record after ``runs/`` is gone.
+    ``{}`` when the file is missing (e.g. a non-main process)."""
+    if not metrics_file.is_file():
+        return {}
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    out: dict[str, dict[str, float]] = {}
+    for k in sorted({k for r in rows for k, v in r.items()
+                        if isinstance(v, (int, float)) and k not in ("step", "epoch", "tokens_per_s")}):
+        vals = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        out[k] = {"first": vals[0], "last": vals[-1], "min": min(vals), "max": max(vals)}
+    return out
+
+
 # ----------------------------------------------------------------------------- the runner
 class Study:
     """Runs (or resumes) the stages; records in ``out/stages``, big outputs in ``work``."""
@@ -525,7 +540,9 @@ class Study:
             self.log(f"unlearn {s.name}: {r['steps']} steps, {r['wall_s']:.0f} s")
             if self.record(f"run_{s.name}") is None:
                 self.save(f"run_{s.name}", {"setting": s.public(), "seed": s.seed, "steps": r["steps"],
-                                             "wall_s": r["wall_s"]}, time.perf_counter() - t)
+                                             "wall_s": r["wall_s"], "warnings": r.get("warnings", []),
+                                             "training": training_summary(rd / "metrics.jsonl")},
+                          time.perf_counter() - t)
         return rd
 
     def run_fns(self, s: Setting):
