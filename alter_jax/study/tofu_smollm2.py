@@ -633,7 +633,9 @@ class Study:
             done = self.method_stage(method, full_val["model_utility"])
             self.write_report()
             if not done:
-                self.log(f"stopped: --max-minutes {self.cfg.max_minutes:g} reached; rerun to continue")
+                why = (f"{self.work / 'STOP'} exists (delete it)" if (self.work / "STOP").exists()
+                       else f"--max-minutes {self.cfg.max_minutes:g} reached")
+                self.log(f"stopped: {why}; rerun to continue")
                 break
         rep = self.write_report()
         self.log(f"report written to {self.out} ({len(rep['missing'])} stages missing)")
