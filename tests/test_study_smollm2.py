@@ -221,16 +221,19 @@ def test_cli_options_build_the_config(tofu_dir, capsys):
     assert "measured so far" in out
 
 
-def test_training_summary_keeps_each_terms_first_last_min_max(tmp_path):
+def test_training_summary_keeps_each_phases_terms_first_last_min_max(tmp_path):
     f = tmp_path / "metrics.jsonl"
-    rows = [{"step": 1, "epoch": 0, "phase": "main", "loss": 3.0, "grad_norm": 0.5, "tokens_per_s": 9.0},
+    rows = [{"step": 1, "phase": "phase1", "loss": 9.0},
+            {"step": 1, "epoch": 0, "phase": "main", "loss": 3.0, "grad_norm": 0.5, "tokens_per_s": 9.0},
             {"step": 2, "epoch": 0, "phase": "main", "loss": 1.0, "grad_norm": 4.0, "tokens_per_s": 20.0},
             {"step": 3, "epoch": 1, "phase": "main", "loss": 2.0, "grad_norm": 1.0}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = S.training_summary(f)
-    assert set(out) == {"loss", "grad_norm"}  # counters, throughput and strings are not training terms
-    assert out["loss"] == {"first": 3.0, "last": 2.0, "min": 1.0, "max": 3.0}
-    assert out["grad_norm"] == {"first": 0.5, "last": 1.0, "min": 0.5, "max": 4.0}
+    assert list(out) == ["phase1", "main"]  # ALTER's phase I loss is not mixed into the main phase's
+    assert out["phase1"] == {"loss": {"first": 9.0, "last": 9.0, "min": 9.0, "max": 9.0}}
+    assert set(out["main"]) == {"loss", "grad_norm"}  # counters, throughput and strings are not training terms
+    assert out["main"]["loss"] == {"first": 3.0, "last": 2.0, "min": 1.0, "max": 3.0}
+    assert out["main"]["grad_norm"] == {"first": 0.5, "last": 1.0, "min": 0.5, "max": 4.0}
     assert S.training_summary(tmp_path / "missing.jsonl") == {}
 
 

@@ -401,18 +401,22 @@ def pareto_verdict(sweeps: dict[str, list[tuple[float, float]]], floor: float) -
     return {"met": all(not v["alter_below_at_mu"] for v in per.values()) if per else None, "per_baseline": per}
 
 
-def training_summary(metrics_file: Path) -> dict[str, dict[str, float]]:
-    """Per logged term of a run's ``metrics.jsonl``: its first and last value, min and max, so that a
-    collapse (ALTER seed 1) can be read from the committed stage record after ``runs/`` is gone.
-    ``{}`` when the file is missing (e.g. a non-main process)."""
+def training_summary(metrics_file: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per phase (ALTER's ``phase1``, then ``main``) and logged term of a run's ``metrics.jsonl``: the
+    term's first and last value, min and max, so that a collapse (ALTER seed 1) can be read from the
+    committed stage record after ``runs/`` is gone. ``{}`` when the file is missing (a non-main process)."""
     if not metrics_file.is_file():
         return {}
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    out: dict[str, dict[str, float]] = {}
-    for k in sorted({k for r in rows for k, v in r.items()
-                        if isinstance(v, (int, float)) and k not in ("step", "epoch", "tokens_per_s")}):
-        vals = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-        out[k] = {"first": vals[0], "last": vals[-1], "min": min(vals), "max": max(vals)}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for phase in dict.fromkeys(r.get("phase", "main") for r in rows):  # phases in the order they ran
+        terms: dict[str, list[float]] = {}
+        for r in rows:
+            if r.get("phase", "main") == phase:
+                for k, v in r.items():
+                    if isinstance(v, (int, float)) and k not in ("step", "epoch", "tokens_per_s"):
+                        terms.setdefault(k, []).append(float(v))
+        out[phase] = {k: {"first": v[0], "last": v[-1], "min": min(v), "max": max(v)} for k, v in sorted(terms.items())}
     return out
 
 
@@ -444,7 +448,12 @@ class Study:
     def out_of_time(self) -> bool:
         """``--max-minutes`` reached, or a ``STOP`` file in the work folder (stop at the next stage)."""
         lim = self.cfg.max_minutes
-        return (bool(lim) and (time.perf_counter() - self.t_start) / 60.0 >= lim) or (self.work / "STOP").exists()
+        return (bool(lim) and (time.perf_counter() - self.t_start) / 60.0 >= lim) or self.stop_file.exists()
+
+    @property
+    def stop_file(self) -> Path:
+        """Its presence stops the study at the next stage (an operator's clean stop)."""
+        return self.work / "STOP"
 
     def ppl_fn(self):
         """The untouched SmolLM2's logits: scores every model's greedy answers (generated perplexity)."""
@@ -633,7 +642,7 @@ class Study:
             done = self.method_stage(method, full_val["model_utility"])
             self.write_report()
             if not done:
-                why = (f"{self.work / 'STOP'} exists (delete it)" if (self.work / "STOP").exists()
+                why = (f"{self.stop_file} exists (delete it)" if self.stop_file.exists()
                        else f"--max-minutes {self.cfg.max_minutes:g} reached")
                 self.log(f"stopped: {why}; rerun to continue")
                 break
