@@ -121,8 +121,17 @@ def test_self_entropy_source_matches(exported, tmp_path):
     ref = np.asarray(G.gated_logits(model, ids, mask, G.GateConfig(q=1.0, threshold=theta, source="self", self_iters=2)))
     base = np.asarray(G.gated_logits(model, ids, mask, G.GateConfig(q=1.0, threshold=theta)))
     got = hf_logits(hf, ids, mask)
-    assert np.abs(got - ref)[mask == 1].max() < 1e-4
-    assert np.abs(base - ref)[mask == 1].max() > 1e-3  # the source changes the numbers
+    # Judged against transformers in float64 (the exact answer), not float32 against float32: the
+    # low-entropy temperature tau_low = 0.01 multiplies router-logit rounding by 100, so at a few
+    # positions both float32 forwards drift ~1e-4 from the exact logits (transformers' own by
+    # 3e-5, ours by 8e-5 on llama_gqa) and their difference is the sum of two rounding errors.
+    hf64 = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float64).eval()
+    exact = hf_logits(hf64, ids, mask)
+    real = mask == 1
+    assert np.abs(ref - exact)[real].max() < 1.5e-4  # ours: float32 rounding of the exact value
+    assert np.abs(got - exact)[real].max() < 1.5e-4  # the export, run in float32
+    assert np.median(np.abs(got - ref)[real]) < 1e-6  # away from the amplified positions: bitwise-close
+    assert np.abs(base - ref)[real].max() > 1e-3  # the source changes the numbers
 
 
 def test_greedy_generation_is_token_identical(exported):
