@@ -173,6 +173,32 @@ def test_report_names_unfinished_stages_and_undecided_goals(tmp_path):
     assert "Stages not finished: alter (sweep 1/7)" in md and "not decided (stages missing)" in md
 
 
+def test_pareto_and_relearning_wait_for_every_baseline(tmp_path):
+    """A verdict judged on the finished baselines alone is provisional: "met" needs all of them, while
+    ALTER below one finished baseline already decides the Pareto goal as not met."""
+    cfg = S.StudyConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), methods=("alter", "ga", "npo"))
+    stages = tmp_path / "out" / "stages"
+    _write_records(cfg, stages, {"alter": [0.02, 0.2, 0.1], "ga": [0.01, 0.05, 0.08]})
+    (stages / f"val_{S.lr_sweep(cfg, 'npo')[0].name}.json").write_text(json.dumps(_fig(0.01, 0.47)))
+    g = S.collect(cfg, tmp_path / "out")["goal"]
+    assert g["alter_fq_mu"]["met"] is True
+    assert g["pareto"]["met"] is None and g["pareto"]["met_so_far"] is True and g["pareto"]["pending"] == ["npo"]
+    assert g["relearn"] == {"met": None, "pending": ["npo"]} and g["met"] is None
+    rep = S.collect(cfg, tmp_path / "out")
+    rep["command"] = "x"
+    S.write_report(cfg, tmp_path / "out", rep)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert ("Pareto frontier above every baseline at MU ≥ 90% of full: not decided (stages missing) "
+            "(above the finished baselines ga so far); waiting for npo") in md
+    assert "under relearning: not decided (stages missing); waiting for npo" in md
+    # ga's sweep now beats ALTER's at every utility: not met, whatever npo does
+    for s in S.lr_sweep(cfg, "ga"):
+        (stages / f"val_{s.name}.json").write_text(json.dumps(_fig(0.5, 0.49)))
+    g = S.collect(cfg, tmp_path / "out")["goal"]
+    assert g["pareto"]["met"] is False and g["pareto"]["per_baseline"]["ga"]["alter_below_at_mu"]
+    assert g["relearn"]["met"] is None and g["met"] is False  # relearning still waits for npo; one part failed
+
+
 def test_finished_stages_are_skipped_and_max_minutes_stops(tmp_path):
     cfg = S.StudyConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), methods=("ga",))
     _write_records(cfg, tmp_path / "out" / "stages", {"ga": [0.01, 0.05, 0.08]})

@@ -849,9 +849,20 @@ def goal_verdict(cfg: StudyConfig, methods: dict, models: dict, sweeps: dict) ->
     else:
         out["alter_fq_mu"] = {"met": None}
     finished = {m: v for m, v in sweeps.items() if v and methods[m]["best"] is not None}
-    out["pareto"] = pareto_verdict(finished, cfg.mu_floor)
+    # A baseline still running can only lower ALTER's standing: "below one finished baseline" decides the
+    # Pareto goal as not met, "above all finished ones" decides nothing until every baseline has its sweep.
+    sweep_pending = sorted(m for m in methods if m != "alter" and m not in finished)
+    pv = pareto_verdict(finished, cfg.mu_floor)
+    if pv["met"] is not False and sweep_pending:
+        pv = {**pv, "met": None, "met_so_far": pv["met"], "pending": sweep_pending}
+    out["pareto"] = pv
+    # The strongest baseline is chosen among all of them, so relearning waits for every baseline's seeds.
+    relearn_pending = sorted(m for m, e in methods.items() if m != "alter" and not (
+        e["best"] and len(e["best"]["seeds"]) == len(e["best"]["seeds_planned"]) and e["best"].get("relearn")))
     bases = {m: e["best"] for m, e in methods.items() if m != "alter" and e["best"] and e["best"]["seeds"]}
-    if a and a.get("relearn") and bases:
+    if relearn_pending:
+        out["relearn"] = {"met": None, "pending": relearn_pending}
+    elif a and a.get("relearn") and bases:
         strongest = max(bases, key=lambda m: ((bases[m]["forget_quality_mean"] or 0.0), bases[m]["model_utility_mean"] or 0.0))
         rb = bases[strongest].get("relearn")
         if rb:
@@ -870,7 +881,7 @@ def goal_verdict(cfg: StudyConfig, methods: dict, models: dict, sweeps: dict) ->
                           "statement": "issue 19: ALTER's forget answers degenerate <= 5 % and generated ppl <= 2x "
                                        "the retain model's on the same questions"}
     parts = [out[k]["met"] for k in ("alter_fq_mu", "pareto", "relearn")]
-    out["met"] = None if any(p is None for p in parts) else all(parts)
+    out["met"] = False if False in parts else (None if None in parts else True)
     return out
 
 
@@ -958,13 +969,16 @@ def write_report(cfg: StudyConfig, out: Path, rep: dict) -> None:
              + (f" (FQ {_fmt(a['forget_quality_mean'])}, MU/full {_fmt(a['mu_over_full_mean'])})" if a["met"] is not None else ""))
     pv = g["pareto"]
     below = {m: v["alter_below_at_mu"] for m, v in (pv.get("per_baseline") or {}).items() if v["alter_below_at_mu"]}
+    pending = lambda v: (f"; waiting for {', '.join(v['pending'])}" if v.get("pending") else "")  # noqa: E731
     L.append(f"- Pareto frontier above every baseline at MU ≥ {cfg.mu_floor:.0%} of full: {verdict(pv['met'])}"
              + (f"; ALTER below: " + ", ".join(f"{m} at MU/full {', '.join(f'{u:.3f}' for u in us)}" for m, us in below.items())
-                if below else ""))
+                if below else "")
+             + (f" (above the finished baselines {', '.join(pv['per_baseline'])} so far)" if pv.get("met_so_far") else "")
+             + pending(pv))
     r = g["relearn"]
     L.append(f"- recovers less than the best baseline under relearning: {verdict(r['met'])}"
              + (f" (best baseline {r['best_baseline']}; forget Prob. at k={r['k']}: ALTER {r['alter_forget_prob']:.3f}"
-                f" vs {r['baseline_forget_prob']:.3f})" if r.get("met") is not None else ""))
+                f" vs {r['baseline_forget_prob']:.3f})" if r.get("met") is not None else "") + pending(r))
     if "fluency" in g:
         f = g["fluency"]
         L.append(f"- fluency (issue 19): {verdict(f['met'])} (forget degenerate {_fmt(f['alter_forget_degenerate'])}, "
