@@ -21,6 +21,7 @@ whole arrays on every process, so a checkpoint restores on any number of process
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -102,6 +103,7 @@ class RunCheckpointer:
         except Exception as e:  # orbax raises several types for damaged folders
             reason = " ".join(str(e).split())
             reason = reason if len(reason) <= 200 else reason[:200].rsplit(" ", 1)[0] + " ..."
+            _quiet_orphaned_restore_tasks(path)
             earlier = [s for s in self.manager.all_steps() if s < step]
             fix = (f"delete {path} and rerun the same command to resume from step {max(earlier)} (the previous "
                    f"checkpoint, {self.directory / str(max(earlier))})" if earlier else
@@ -124,6 +126,27 @@ def _saveable(x: Any) -> Any:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return x
     return np.asarray(x)
+
+
+class _OrphanedReadTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records for the damaged checkpoint's reads."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Task exception was never retrieved") and self.folder in msg)
+
+
+def _quiet_orphaned_restore_tasks(folder: Path) -> None:
+    """After a failed restore, the reads orbax started in parallel still fail one by one; asyncio logs
+    each of them with a traceback when its task is collected (at exit on a slow machine), after the
+    caller's one-line report. Those records, and only those naming ``folder``, are dropped."""
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedReadTasks) and f.folder == str(folder) for f in log.filters):
+        log.addFilter(_OrphanedReadTasks(str(folder)))
 
 
 def _quiet_closed_event_loops() -> None:
