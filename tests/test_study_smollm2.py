@@ -180,11 +180,11 @@ def test_pareto_and_relearning_wait_for_every_baseline(tmp_path):
     stages = tmp_path / "out" / "stages"
     _write_records(cfg, stages, {"alter": [0.02, 0.2, 0.1], "ga": [0.01, 0.05, 0.08]})
     (stages / f"val_{S.lr_sweep(cfg, 'npo')[0].name}.json").write_text(json.dumps(_fig(0.01, 0.47)))
-    g = S.collect(cfg, tmp_path / "out")["goal"]
+    rep = S.collect(cfg, tmp_path / "out")
+    g = rep["goal"]
     assert g["alter_fq_mu"]["met"] is True
     assert g["pareto"]["met"] is None and g["pareto"]["met_so_far"] is True and g["pareto"]["pending"] == ["npo"]
     assert g["relearn"] == {"met": None, "pending": ["npo"]} and g["met"] is None
-    rep = S.collect(cfg, tmp_path / "out")
     rep["command"] = "x"
     S.write_report(cfg, tmp_path / "out", rep)
     md = (tmp_path / "out" / "report.md").read_text()

@@ -856,21 +856,18 @@ def goal_verdict(cfg: StudyConfig, methods: dict, models: dict, sweeps: dict) ->
     if pv["met"] is not False and sweep_pending:
         pv = {**pv, "met": None, "met_so_far": pv["met"], "pending": sweep_pending}
     out["pareto"] = pv
-    # The strongest baseline is chosen among all of them, so relearning waits for every baseline's seeds.
-    relearn_pending = sorted(m for m, e in methods.items() if m != "alter" and not (
-        e["best"] and len(e["best"]["seeds"]) == len(e["best"]["seeds_planned"]) and e["best"].get("relearn")))
-    bases = {m: e["best"] for m, e in methods.items() if m != "alter" and e["best"] and e["best"]["seeds"]}
+    # The strongest baseline is chosen among all of them, so relearning waits for every baseline's seeds
+    # and curve; once none is pending, every baseline's best has both.
+    bases = {m: e["best"] for m, e in methods.items() if m != "alter"}
+    relearn_pending = sorted(m for m, b in bases.items() if not (
+        b and len(b["seeds"]) == len(b["seeds_planned"]) and b.get("relearn")))
     if relearn_pending:
         out["relearn"] = {"met": None, "pending": relearn_pending}
     elif a and a.get("relearn") and bases:
         strongest = max(bases, key=lambda m: ((bases[m]["forget_quality_mean"] or 0.0), bases[m]["model_utility_mean"] or 0.0))
-        rb = bases[strongest].get("relearn")
-        if rb:
-            pa, pb = a["relearn"][-1]["forget_prob"], rb[-1]["forget_prob"]
-            out["relearn"] = {"met": bool(pa < pb), "best_baseline": strongest, "k": a["relearn"][-1]["steps"],
-                              "alter_forget_prob": pa, "baseline_forget_prob": pb}
-        else:
-            out["relearn"] = {"met": None, "best_baseline": strongest}
+        pa, pb = a["relearn"][-1]["forget_prob"], bases[strongest]["relearn"][-1]["forget_prob"]
+        out["relearn"] = {"met": bool(pa < pb), "best_baseline": strongest, "k": a["relearn"][-1]["steps"],
+                          "alter_forget_prob": pa, "baseline_forget_prob": pb}
     else:
         out["relearn"] = {"met": None}
     r = models.get("retain")
