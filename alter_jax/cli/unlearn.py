@@ -84,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointCorrupt, ValueError, OSError) as e:  # data, model and checkpoint errors name file and fix
         if args.debug:
             raise
-        # orbax's aborted restore leaves asyncio callbacks that complain "Event loop is closed" when collected
-        sys.unraisablehook = lambda _u: None
         raise CliError(f"{args.config}: {one_line(e)} (--debug shows the traceback)") from None
     except Exception as e:  # anything else is a bug: one line, exit 1, the traceback on request
         if args.debug:
