@@ -129,7 +129,8 @@ def _saveable(x: Any) -> Any:
 
 
 class _OrphanedReadTasks(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" records for the damaged checkpoint's reads."""
+    """Drops asyncio's "Task/Future exception was never retrieved" records for the damaged checkpoint's
+    reads (orbax leaves both kinds: tasks for the parallel reads, bare futures for tensorstore's)."""
 
     def __init__(self, folder: str):
         super().__init__()
@@ -137,7 +138,8 @@ class _OrphanedReadTasks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not (msg.startswith("Task exception was never retrieved") and self.folder in msg)
+        orphaned = msg.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+        return not (orphaned and self.folder in msg)
 
 
 def _quiet_orphaned_restore_tasks(folder: Path) -> None:
