@@ -239,6 +239,9 @@ def test_cli_options_build_the_config(tofu_dir, capsys):
                                            "--max-minutes", "30"]))
     assert cfg.methods == ("ga", "alter") and cfg.unlearn_epochs == 1 and cfg.rows_per_author == 2
     assert cfg.max_minutes == 30.0
+    # the plan records the design, not how one session ran: a rerun with another budget leaves it unchanged
+    assert S.plan(cfg)["config"] == S.plan(S.dataclasses.replace(cfg, max_minutes=90.0, keep_runs=True))["config"]
+    assert "max_minutes" not in S.plan(cfg)["config"] and S.plan(cfg)["config"]["methods"] == ("ga", "alter")
     with pytest.raises(SystemExit, match="unknown nope"):
         S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--methods", "nope"]))
     assert S.main(["--plan", "--tofu-dir", str(tofu_dir)]) == 0

@@ -681,6 +681,9 @@ def unlearn_steps(cfg: StudyConfig) -> int:
     return cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author / cfg.unlearn_batch)
 
 
+SESSION_FIELDS = ("max_minutes", "keep_runs")  # how one session runs, not the design: kept out of plan.json
+
+
 def plan(cfg: StudyConfig) -> dict[str, Any]:
     """Every stage with its estimated minutes (the constants above; the real times land in
     ``stages.jsonl``), the selection rule and the goal."""
@@ -706,7 +709,7 @@ def plan(cfg: StudyConfig) -> dict[str, Any]:
                       "runs": n_runs, "seeds": list(cfg.seeds)},
             "stages": stages, "total_minutes": sum(s["minutes"] for s in stages),
             "selection_rule": SELECTION_RULE, "mu_floor": cfg.mu_floor, "goal": GOAL,
-            "config": dataclasses.asdict(cfg)}
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SESSION_FIELDS}}
 
 
 def plan_text(p: dict, out_dir: Path | None = None) -> str:
@@ -813,7 +816,8 @@ def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
     minutes = _stage_minutes(out)
     return {"command": None, "scale": scale, **models, "full_val": full_val, "methods": methods,
             "goal": goal_verdict(cfg, methods, models, sweeps), "missing": missing, "compute_minutes": minutes,
-            "selection_rule": SELECTION_RULE, "config": dataclasses.asdict(cfg)}
+            "selection_rule": SELECTION_RULE,
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SESSION_FIELDS}}
 
 
 def _stage_minutes(out: Path) -> float:
