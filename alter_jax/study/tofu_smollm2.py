@@ -972,7 +972,7 @@ def write_report(cfg: StudyConfig, out: Path, rep: dict) -> None:
     below = {m: v["alter_below_at_mu"] for m, v in (pv.get("per_baseline") or {}).items() if v["alter_below_at_mu"]}
     pending = lambda v: (f"; waiting for {', '.join(v['pending'])}" if v.get("pending") else "")  # noqa: E731
     L.append(f"- Pareto frontier above every baseline at MU ≥ {cfg.mu_floor:.0%} of full: {verdict(pv['met'])}"
-             + (f"; ALTER below: " + ", ".join(f"{m} at MU/full {', '.join(f'{u:.3f}' for u in us)}" for m, us in below.items())
+             + (f"; ALTER below: " + ", ".join(f"{m} at MU/full {', '.join(dict.fromkeys(f'{u:.3f}' for u in us))}" for m, us in below.items())
                 if below else "")
              + (f" (above the finished baselines {', '.join(pv['per_baseline'])} so far)" if pv.get("met_so_far") else "")
              + pending(pv))
