@@ -226,6 +226,46 @@ def test_finished_stages_are_skipped_and_max_minutes_stops(tmp_path):
     assert st.out_of_time() and st.method_stage("ga", 0.5) is False
 
 
+def test_second_worker_runs_only_its_methods_on_the_first_workers_models(tmp_path, monkeypatch):
+    w1, w2, out = tmp_path / "w1", tmp_path / "w2", tmp_path / "out"
+    design = S.StudyConfig(out_dir=str(out), work_dir=str(w1), methods=("ga", "npo"))
+    cfg = S.dataclasses.replace(design, work_dir=str(w2), only=("npo",), models_from=str(w1))
+    # the session fields stay out of the design record (which only the first worker writes)
+    assert S.plan(S.dataclasses.replace(cfg, work_dir=design.work_dir))["config"] == S.plan(design)["config"]
+    logs: list[str] = []
+    st = S.Study(cfg, "x", log=logs.append)
+    assert st.methods() == ("npo",) and S.Study(design, "x").methods() == ("ga", "npo")
+
+    def boom(*_a, **_k):
+        raise AssertionError("the second worker fine-tuned a model of its own")
+    monkeypatch.setattr(S, "finetune_model", boom)
+    # a model the first worker has finished is read from its folder
+    (w1 / "models" / "full").mkdir(parents=True)
+    (w1 / "models" / "full" / "finetune.json").write_text("{}")
+    assert st.model_dir("full") == w1 / "models" / "full"
+    # one it has not is waited for; a STOP file in this worker's folder ends the wait, not the process
+    w2.mkdir()
+    (w2 / "STOP").touch()
+    with pytest.raises(S._Stopped, match="retain"):
+        st.model_dir("retain")
+    assert any("waiting for the fine-tuned retain model" in m for m in logs)
+    rep = st.run()  # the data subset is missing too: stopped while waiting, the report still written
+    assert any("stopped while waiting" in m and "STOP exists" in m for m in logs)
+    assert set(rep["methods"]) == {"ga", "npo"}
+    (w2 / "STOP").unlink()
+    # every record exists: the second worker goes through npo only, and the report keeps the whole design
+    _write_records(design, out / "stages", {"ga": [0.01, 0.05, 0.08], "npo": [0.01, 0.02, 0.03]})
+    for f in (w1 / "data" / "counts.json", w1 / "data_val" / "holdout.json"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("{}")
+    logs.clear()
+    rep = st.run()
+    assert any(m.startswith("npo: best") for m in logs) and not any(m.startswith("ga: best") for m in logs)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["methods"]["ga"]["best"]["name"] == "ga_lr0.0001" and saved["methods"]["npo"]["best"] is not None
+    assert not (w2 / "data").exists() and not (w2 / "models").exists() and not (out / "plan.json").exists()
+
+
 def test_stage_log_and_records_are_written(tmp_path):
     cfg = S.StudyConfig(out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"))
     st = S.Study(cfg, "x", log=lambda *_: None)
@@ -249,6 +289,13 @@ def test_cli_options_build_the_config(tofu_dir, capsys):
     assert "max_minutes" not in S.plan(cfg)["config"] and S.plan(cfg)["config"]["methods"] == ("ga", "alter")
     with pytest.raises(SystemExit, match="unknown nope"):
         S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--methods", "nope"]))
+    two = S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--only", "npo,ga", "--work-dir", "runs/b",
+                                           "--models-from", "runs/a"]))
+    assert two.only == ("npo", "ga") and two.models_from == "runs/a" and two.methods == S.METHODS
+    with pytest.raises(SystemExit, match="--only: nope not in the study's methods"):
+        S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--only", "nope"]))
+    with pytest.raises(SystemExit, match="its own --work-dir"):
+        S.config_from_args(p.parse_args(["--tofu-dir", str(tofu_dir), "--models-from", "runs/a"]))
     assert S.main(["--plan", "--tofu-dir", str(tofu_dir)]) == 0
     out = capsys.readouterr().out
     assert "alter: 7 sweep points (6 trained) + 2 seeds + relearning" in out and "total (estimate)" in out

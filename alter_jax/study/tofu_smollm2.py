@@ -34,6 +34,11 @@ appends ``{stage, wall_s}`` to ``stages.jsonl``; a rerun skips stages whose reco
 only what a later stage needs (the fine-tuned models, a best run's folder) when the work folder was lost.
 ``--max-minutes`` stops before a stage that would start after the limit. Big outputs (models, run
 folders, evaluation logs) stay in ``work_dir``; a method's run folders are deleted once it is done.
+
+**Two workers.** One process keeps ~1.3 of the 2 cores busy; a second, started with ``--only M1,M2
+--work-dir W2 --models-from W1``, runs other methods into the same ``out_dir`` (records are per stage,
+written atomically) on the first worker's fine-tuned models. Give the workers disjoint methods: a stage
+has no lock, so two workers on one method would both train it.
 """
 
 from __future__ import annotations
@@ -104,6 +109,11 @@ class StudyConfig:
     relearn_lr: float = 1e-4
     max_minutes: float = 0.0  # 0 = no limit
     keep_runs: bool = False
+    # A second worker (``--only``, ``--models-from``): the methods this process runs (default: all of
+    # ``methods``; the plan and the report keep the whole design), and the work folder of the worker whose
+    # fine-tuned models and data subset this one reads (it waits for them instead of building its own).
+    only: tuple[str, ...] = ()
+    models_from: str = ""
 
 
 QUICK = dict(rows_per_author=2, eval_per_author=1, eval_real_rows=2, val_per_author=1, val_real_rows=2, max_length=128, max_new_tokens=8,
@@ -428,7 +438,8 @@ class Study:
         self.cfg, self.command, self.log = cfg, command, log
         self.work, self.out = Path(cfg.work_dir), Path(cfg.out_dir)
         self.stages = self.out / "stages"
-        self.data_dir = self.work / "data"
+        self.shared = Path(cfg.models_from) if cfg.models_from else self.work  # models + data subset
+        self.data_dir = self.shared / "data"
         self.t_start = time.perf_counter()
         self._ppl = None
 
@@ -466,20 +477,42 @@ class Study:
         return self._ppl
 
     # stages
+    def wait_for(self, path: Path, what: str, poll_s: float = 20.0) -> None:
+        """Wait until the first worker (``--models-from``) has written ``path``; ``_Stopped`` on a STOP
+        file or ``--max-minutes`` meanwhile."""
+        if path.is_file():
+            return
+        self.log(f"waiting for {what} ({path}, written by the worker whose --work-dir is {self.shared})")
+        while not path.is_file():
+            if self.out_of_time():
+                raise _Stopped(f"stopped while waiting for {path}")
+            time.sleep(poll_s)
+
+    def methods(self) -> tuple[str, ...]:
+        """The methods this session runs, in the design's order (``only`` restricts them)."""
+        return tuple(m for m in self.cfg.methods if not self.cfg.only or m in self.cfg.only)
+
     def data(self) -> None:
-        if not (self.data_dir / "counts.json").is_file() or not (val_dir(self.data_dir) / "holdout.json").is_file():
+        if self.cfg.models_from:
+            self.wait_for(self.data_dir / "counts.json", "the data subset")
+            self.wait_for(val_dir(self.data_dir) / "holdout.json", "the validation subset")
+        elif not (self.data_dir / "counts.json").is_file() or not (val_dir(self.data_dir) / "holdout.json").is_file():
             counts = build_data(self.cfg, self.data_dir)
             _write_json(self.data_dir / "counts.json", counts)
         from alter_jax.study.fluency import copy_idk_answers
 
         copy_idk_answers(self.cfg.tofu_dir, self.data_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "plan.json", plan(self.cfg))
+        if not self.cfg.models_from:  # the design record is the first worker's (a second has its own work_dir)
+            _write_json(self.out / "plan.json", plan(self.cfg))
 
     def model_dir(self, name: str) -> Path:
-        """``models/<name>`` (fine-tuned now if missing: its record exists from an earlier session)."""
-        d = self.work / "models" / name
-        if not (d / "finetune.json").is_file():
+        """``models/<name>`` (fine-tuned now if missing: its record exists from an earlier session; a second
+        worker waits for the first one's)."""
+        d = self.shared / "models" / name
+        if self.cfg.models_from:
+            self.wait_for(d / "finetune.json", f"the fine-tuned {name} model")
+        elif not (d / "finetune.json").is_file():
             self.log(f"finetune {name}")
             t = time.perf_counter()
             info = finetune_model(self.cfg, name, self.data_dir, d)
@@ -628,7 +661,18 @@ class Study:
         self.log(f"{method}: best {best.name} ({'kept' if kept else 'below'} the utility floor)")
         return True
 
+    def stop_reason(self) -> str:
+        return (f"{self.stop_file} exists (delete it)" if self.stop_file.exists()
+                else f"--max-minutes {self.cfg.max_minutes:g} reached")
+
     def run(self) -> dict:
+        try:
+            return self._run()
+        except _Stopped as e:
+            self.log(f"{e}: {self.stop_reason()}; rerun to continue")
+            return self.write_report()
+
+    def _run(self) -> dict:
         self.data()
         self.log(f"data {_read_json(self.data_dir / 'counts.json')}")
         self.write_report()
@@ -638,13 +682,11 @@ class Study:
         self.eval_stage("untouched", self.folder_fns(lambda: _untouched_folder(self.cfg)), True)
         full_val = self.eval_stage("full", full, False)
         self.write_report()
-        for method in self.cfg.methods:
+        for method in self.methods():
             done = self.method_stage(method, full_val["model_utility"])
             self.write_report()
             if not done:
-                why = (f"{self.stop_file} exists (delete it)" if self.stop_file.exists()
-                       else f"--max-minutes {self.cfg.max_minutes:g} reached")
-                self.log(f"stopped: {why}; rerun to continue")
+                self.log(f"stopped: {self.stop_reason()}; rerun to continue")
                 break
         rep = self.write_report()
         self.log(f"report written to {self.out} ({len(rep['missing'])} stages missing)")
@@ -655,6 +697,10 @@ class Study:
         rep["command"] = self.command
         write_report(self.cfg, self.out, rep)
         return rep
+
+
+class _Stopped(Exception):
+    """A STOP file or ``--max-minutes`` while a worker waited for another's output."""
 
 
 def _untouched_folder(cfg: StudyConfig) -> Path:
@@ -681,7 +727,8 @@ def unlearn_steps(cfg: StudyConfig) -> int:
     return cfg.unlearn_epochs * math.ceil(len(cfg.forget_authors) * cfg.rows_per_author / cfg.unlearn_batch)
 
 
-SESSION_FIELDS = ("max_minutes", "keep_runs")  # how one session runs, not the design: kept out of plan.json
+# how one session runs, not the design: kept out of plan.json
+SESSION_FIELDS = ("max_minutes", "keep_runs", "only", "models_from")
 
 
 def plan(cfg: StudyConfig) -> dict[str, Any]:
@@ -1118,6 +1165,12 @@ def add_arguments(p) -> None:
     p.add_argument("--tofu-dir", default=StudyConfig.tofu_dir, help="TOFU folder (default: %(default)s)")
     p.add_argument("--methods", default=None, help=f"comma list (default: {','.join(METHODS)})")
     p.add_argument("--keep-runs", action="store_true", help="keep every run folder (default: deleted per method)")
+    p.add_argument("--only", default=None,
+                   help="comma list: run only these of the design's methods (a second worker; plan and report "
+                        "keep every method)")
+    p.add_argument("--models-from", default=None, metavar="WORK_DIR",
+                   help="read the fine-tuned models and data subset from another worker's --work-dir (waits "
+                        "for them) instead of building them here")
 
 
 def config_from_args(args) -> StudyConfig:
@@ -1134,9 +1187,22 @@ def config_from_args(args) -> StudyConfig:
         if bad:
             raise SystemExit(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(KNOWN)}")
         kw["methods"] = ms
+    if args.models_from:
+        if args.work_dir is None or Path(args.work_dir).resolve() == Path(args.models_from).resolve():
+            raise SystemExit("--models-from: give this worker its own --work-dir (its run folders must not "
+                             "mix with the first worker's)")
+        kw["models_from"] = args.models_from
     if not Path(args.tofu_dir).is_dir():
         raise SystemExit(f"--tofu-dir {args.tofu_dir}: not a folder; pass the TOFU data folder (../shared/data/tofu)")
-    return quick_config(**kw) if args.quick else StudyConfig(**kw)
+    cfg = quick_config(**kw) if args.quick else StudyConfig(**kw)
+    if args.only:
+        only = tuple(m.strip() for m in args.only.split(",") if m.strip())
+        bad = [m for m in only if m not in cfg.methods]
+        if bad:
+            raise SystemExit(f"--only: {', '.join(bad)} not in the study's methods; choose from "
+                             f"{', '.join(cfg.methods)}")
+        cfg = dataclasses.replace(cfg, only=only)
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
