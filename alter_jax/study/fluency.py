@@ -11,6 +11,7 @@ the report lists 3 forget and 3 retain answers of it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,7 +25,9 @@ def copy_idk_answers(tofu_dir: str | Path, data_dir: str | Path) -> bool:
     idempotent, so study folders built before it get the file too. Returns whether the subset has it."""
     src, dst = Path(tofu_dir) / "idontknow.jsonl", Path(data_dir) / "idontknow.jsonl"
     if not dst.is_file() and src.is_file() and Path(data_dir).is_dir():
-        dst.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+        tmp = dst.with_name(dst.name + ".tmp")  # atomic: a second study worker may be reading the subset
+        tmp.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+        os.replace(tmp, dst)
     return dst.is_file()
 
 

@@ -493,18 +493,21 @@ class Study:
         return tuple(m for m in self.cfg.methods if not self.cfg.only or m in self.cfg.only)
 
     def data(self) -> None:
+        """Build the data subset (first worker) or wait for it (a second worker, which never writes into
+        the first one's folders). ``counts.json`` is written last: a waiting worker sees a whole subset."""
         if self.cfg.models_from:
             self.wait_for(self.data_dir / "counts.json", "the data subset")
             self.wait_for(val_dir(self.data_dir) / "holdout.json", "the validation subset")
-        elif not (self.data_dir / "counts.json").is_file() or not (val_dir(self.data_dir) / "holdout.json").is_file():
-            counts = build_data(self.cfg, self.data_dir)
-            _write_json(self.data_dir / "counts.json", counts)
+            return
         from alter_jax.study.fluency import copy_idk_answers
 
-        copy_idk_answers(self.cfg.tofu_dir, self.data_dir)
+        built = (self.data_dir / "counts.json").is_file() and (val_dir(self.data_dir) / "holdout.json").is_file()
+        counts = None if built else build_data(self.cfg, self.data_dir)
+        copy_idk_answers(self.cfg.tofu_dir, self.data_dir)  # idempotent: older subsets get the file too
+        if counts is not None:
+            _write_json(self.data_dir / "counts.json", counts)
         self.out.mkdir(parents=True, exist_ok=True)
-        if not self.cfg.models_from:  # the design record is the first worker's (a second has its own work_dir)
-            _write_json(self.out / "plan.json", plan(self.cfg))
+        _write_json(self.out / "plan.json", plan(self.cfg))  # the design record is the first worker's
 
     def model_dir(self, name: str) -> Path:
         """``models/<name>`` (fine-tuned now if missing: its record exists from an earlier session; a second
@@ -1182,11 +1185,7 @@ def config_from_args(args) -> StudyConfig:
     if args.methods:
         from alter_jax.train.methods import METHODS as KNOWN
 
-        ms = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        bad = [m for m in ms if m not in KNOWN]
-        if bad:
-            raise SystemExit(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(KNOWN)}")
-        kw["methods"] = ms
+        kw["methods"] = _method_list("--methods", args.methods, KNOWN, "unknown")
     if args.models_from:
         if args.work_dir is None or Path(args.work_dir).resolve() == Path(args.models_from).resolve():
             raise SystemExit("--models-from: give this worker its own --work-dir (its run folders must not "
@@ -1196,13 +1195,18 @@ def config_from_args(args) -> StudyConfig:
         raise SystemExit(f"--tofu-dir {args.tofu_dir}: not a folder; pass the TOFU data folder (../shared/data/tofu)")
     cfg = quick_config(**kw) if args.quick else StudyConfig(**kw)
     if args.only:
-        only = tuple(m.strip() for m in args.only.split(",") if m.strip())
-        bad = [m for m in only if m not in cfg.methods]
-        if bad:
-            raise SystemExit(f"--only: {', '.join(bad)} not in the study's methods; choose from "
-                             f"{', '.join(cfg.methods)}")
-        cfg = dataclasses.replace(cfg, only=only)
+        cfg = dataclasses.replace(cfg, only=_method_list("--only", args.only, cfg.methods,
+                                                         "not in the study's methods"))
     return cfg
+
+
+def _method_list(flag: str, text: str, allowed: Sequence[str], why: str) -> tuple[str, ...]:
+    """A comma list of method names, each checked against ``allowed`` (a clear exit naming the flag)."""
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in allowed]
+    if bad:
+        raise SystemExit(f"{flag}: {', '.join(bad)} {why}; choose from {', '.join(allowed)}")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
