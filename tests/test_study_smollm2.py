@@ -152,6 +152,7 @@ def test_report_json_keys_goal_and_plots_from_stage_records(tmp_path):
     # issue 19: ALTER's forget answers degenerate half the time: the fluency goal is not met
     assert g["fluency"]["met"] is False and g["fluency"]["retain_forget_gen_ppl"] == 6.0
     md = (tmp_path / "out" / "report.md").read_text()
+    assert "Command: `bin/study tofu-smollm2`" in md and "Stages run by: commands not recorded" in md
     assert "| alter | `alter_lr0.001` | 3 | 0.220 ± 0.020 |" in md
     assert "`alter_lr0.001_q2`" in md and "**(best)**" in md and "| alter | 0.100 / 0.200 |" in md
     assert "- overall: met" in md and "| forget | .......... | gt0 |" in md
@@ -263,6 +264,7 @@ def test_second_worker_runs_only_its_methods_on_the_first_workers_models(tmp_pat
     assert any(m.startswith("npo: best") for m in logs) and not any(m.startswith("ga: best") for m in logs)
     saved = json.loads((out / "report.json").read_text())
     assert saved["methods"]["ga"]["best"]["name"] == "ga_lr0.0001" and saved["methods"]["npo"]["best"] is not None
+    assert saved["written_by"] == "x" and saved["command"] == "x"
     assert not (w2 / "data").exists() and not (w2 / "models").exists() and not (out / "plan.json").exists()
 
 
@@ -273,6 +275,19 @@ def test_stage_log_and_records_are_written(tmp_path):
     st.save("val_y", {"a": 2}, 7.5)
     assert st.record("val_x") == {"a": 1} and st.record("nope") is None
     assert S._stage_minutes(tmp_path / "out") == pytest.approx(20.0 / 60)
+    # each stage names the command that ran it; a stage recorded without one reads as None
+    with open(tmp_path / "out" / "stages.jsonl", "a") as fh:
+        fh.write(json.dumps({"stage": "old", "wall_s": 1.0}) + "\n")
+    S.Study(cfg, "y", log=lambda *_: None).save("val_z", {"a": 3}, 1.0)
+    assert S.stage_commands(tmp_path / "out") == ["x", None, "y"]
+
+
+def test_design_command_drops_the_session_options():
+    cmd = ("bin/study tofu-smollm2 --only npo,ga --work-dir runs/b --models-from runs/a --max-minutes 40 "
+           "--keep-runs --max-minutes=3")
+    assert S.design_command(cmd) == "bin/study tofu-smollm2"
+    assert S.design_command("bin/study tofu-smollm2 --quick --methods ga --work-dir w") == \
+        "bin/study tofu-smollm2 --quick --methods ga"
 
 
 def test_cli_options_build_the_config(tofu_dir, capsys):

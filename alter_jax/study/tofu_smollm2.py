@@ -30,7 +30,7 @@ Design (``StudyConfig`` holds every number; ``--plan`` prints the stages and the
 
 Stages run method by method (sweep → selection → seeds → relearning) so that every finished method is
 complete. Each stage writes a small record into ``<out_dir>/stages/`` (committed with the report) and
-appends ``{stage, wall_s}`` to ``stages.jsonl``; a rerun skips stages whose record exists, rebuilding
+appends ``{stage, wall_s, at, command}`` to ``stages.jsonl``; a rerun skips stages whose record exists, rebuilding
 only what a later stage needs (the fine-tuned models, a best run's folder) when the work folder was lost.
 ``--max-minutes`` stops before a stage that would start after the limit. Big outputs (models, run
 folders, evaluation logs) stay in ``work_dir``; a method's run folders are deleted once it is done.
@@ -451,8 +451,8 @@ class Study:
     def save(self, name: str, rec: dict, wall_s: float) -> dict:
         _write_json(self.stages / f"{name}.json", rec)
         with open(self.out / "stages.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"stage": name, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                     + "\n")
+            fh.write(json.dumps({"stage": name, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 "command": self.command}) + "\n")
         self.write_report()  # the report always shows every finished stage (a few seconds: tables and plots)
         return rec
 
@@ -697,7 +697,8 @@ class Study:
 
     def write_report(self) -> dict:
         rep = collect(self.cfg, self.out)
-        rep["command"] = self.command
+        rep["command"] = design_command(self.command)
+        rep["written_by"] = self.command
         write_report(self.cfg, self.out, rep)
         return rep
 
@@ -864,10 +865,34 @@ def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
              "unlearn_batch": f"{cfg.unlearn_batch} forget + {cfg.unlearn_batch} retain",
              "max_new_tokens": cfg.max_new_tokens, "select_new_tokens": cfg.select_new_tokens, "data_counts": data}
     minutes = _stage_minutes(out)
-    return {"command": None, "scale": scale, **models, "full_val": full_val, "methods": methods,
+    return {"command": None, "written_by": None, "stage_commands": stage_commands(out), "scale": scale, **models,
+            "full_val": full_val, "methods": methods,
             "goal": goal_verdict(cfg, methods, models, sweeps), "missing": missing, "compute_minutes": minutes,
             "selection_rule": SELECTION_RULE,
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SESSION_FIELDS}}
+
+
+def design_command(command: str) -> str:
+    """``command`` without its session options (``--max-minutes``, ``--work-dir``, ``--only``, ``--models-from``,
+    ``--keep-runs``): the command that reproduces the whole study, however many sessions and workers ran it."""
+    valued, flags = ("--max-minutes", "--work-dir", "--only", "--models-from"), ("--keep-runs",)
+    words, kept, skip = command.split(), [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in valued:
+            skip = True
+        elif w not in flags and not w.startswith(tuple(f + "=" for f in valued)):
+            kept.append(w)
+    return " ".join(kept)
+
+
+def stage_commands(out: Path) -> list[str | None]:
+    """The distinct commands that ran the recorded stages, in first-use order (``stages.jsonl``); None for
+    stages recorded without one (before 2026-12-07)."""
+    f = out / "stages.jsonl"
+    lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+    return list(dict.fromkeys(r.get("command") for r in lines))
 
 
 def _stage_minutes(out: Path) -> float:
@@ -941,7 +966,12 @@ def write_report(cfg: StudyConfig, out: Path, rep: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "report.json", rep)
     sc = rep["scale"]
-    L = ["# TOFU study on SmolLM2-135M-Instruct (powered design, issue 16)", "", f"Command: `{rep['command']}`", "",
+    ran = [f"`{c}`" if c else "commands not recorded (see notes.md)" for c in rep.get("stage_commands", [])]
+    L = ["# TOFU study on SmolLM2-135M-Instruct (powered design, issue 16)", "",
+         f"Command: `{rep['command']}` (reruns skip recorded stages)", "",
+         *([f"Stages run by: {'; '.join(ran)}", ""] if ran else []),
+         *([f"This report written by: `{rep['written_by']}`", ""]
+           if rep.get("written_by") not in (None, rep["command"]) else []),
          "## Scale", "",
          f"- forget: TOFU authors {', '.join(map(str, cfg.forget_authors))} ({sc['forget_rows']} rows, forget01); "
          f"retain: authors {cfg.retain_authors[0]}-{cfg.retain_authors[-1]} ({sc['retain_rows']} rows); membership "
@@ -1136,7 +1166,7 @@ def _plot_relearn(rep: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
     for i, (m, e) in enumerate(rep["methods"].items()):
         curve = (e["best"] or {}).get("relearn")
         if not curve:
@@ -1148,10 +1178,11 @@ def _plot_relearn(rep: dict, path: Path) -> None:
     for ax, lab in zip(axes, ("forget Prob. (held-out half)", "forget ROUGE-L (held-out half)")):
         ax.set_xlabel("relearning steps k")
         ax.set_ylabel(lab)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # outside the axes: nine curves leave no empty corner
+        fig.legend(handles, labels, loc="center right", fontsize=7)
     fig.suptitle("Relearning attack on each method's best setting", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
