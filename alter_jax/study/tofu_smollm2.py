@@ -1095,18 +1095,43 @@ def _examples(rep: dict) -> list[str]:
     return L if any_ else []
 
 
-def _spread_labels(xy: list[tuple[float, float]], min_dy: float) -> list[float]:
-    """Label heights (display units) so that labels of nearby points do not overlap: greedy, bottom-up."""
-    order = sorted(range(len(xy)), key=lambda i: xy[i][1])
-    ys = [0.0] * len(xy)
-    placed: list[tuple[float, float]] = []
-    for i in order:
-        x, y = xy[i]
-        while any(abs(x - px) < 60 and abs(y - py) < min_dy for px, py in placed):
-            y += min_dy
-        placed.append((x, y))
-        ys[i] = y
-    return ys
+def place_labels(ax, labels: Sequence[tuple[float, float, str]], fontsize: float = 7.0) -> list:
+    """Annotate each ``(x, y, name)`` point of ``ax`` with its name so that no two labels overlap: measured
+    text boxes, placed bottom-up, each moved up past the boxes already placed (and to the left of its point
+    where it would leave the axes); a label moved off its point gets a thin leader line. Returns the
+    labels' final text extents (display units; leader lines excluded)."""
+    from matplotlib.text import Text
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    right = ax.get_window_extent(renderer).x1
+
+    def text_box(t):  # the text's own box (an annotation's extent includes its leader line)
+        t.update_positions(renderer)
+        return Text.get_window_extent(t, renderer)
+
+    placed: list = []
+    for x, y, name in sorted(labels, key=lambda lab: ax.transData.transform(lab[:2])[1]):
+        dx, dy, ha = 6.0, 4.0, "left"
+        t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset pixels", fontsize=fontsize, ha=ha)
+        box = text_box(t)
+        if box.x1 > right:
+            dx, ha = -6.0, "right"
+            t.set_horizontalalignment(ha)
+            t.set_position((dx, dy))
+            box = text_box(t)
+        while any(box.overlaps(b) for b in placed):
+            dy += box.height + 1.0
+            t.set_position((dx, dy))
+            box = text_box(t)
+        if dy > 4.0:  # moved off its point: redraw with a leader line
+            t.remove()
+            t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset pixels", fontsize=fontsize, ha=ha,
+                            arrowprops=dict(arrowstyle="-", linewidth=0.4, color="grey"))
+            box = text_box(t)
+        placed.append(box)
+    return placed
 
 
 def _plot_sweep(rep: dict, cfg: StudyConfig, path: Path) -> None:
@@ -1115,7 +1140,7 @@ def _plot_sweep(rep: dict, cfg: StudyConfig, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)  # measured label boxes = saved pixels
     ax.set_yscale("log")
     labels = []
     for i, (m, e) in enumerate(rep["methods"].items()):
@@ -1141,14 +1166,6 @@ def _plot_sweep(rep: dict, cfg: StudyConfig, path: Path) -> None:
         labels += [(p[0], p[1], p[2]) for p in pts if p[2] == best]
     ax.axvline(cfg.mu_floor, color="grey", linestyle=":", linewidth=0.9)
     ax.axhline(0.05, color="grey", linestyle="--", linewidth=0.8)
-    fig.canvas.draw()
-    disp = [tuple(ax.transData.transform((x, y))) for x, y, _ in labels]
-    heights = _spread_labels(disp, 11.0)
-    inv = ax.transData.inverted()
-    for (x, y, name), (dx, dy), h in zip(labels, disp, heights):
-        tx, ty = inv.transform((dx + 6, h + 4))
-        ax.annotate(name, (x, y), xytext=(tx, ty), textcoords="data", fontsize=7,
-                    arrowprops=dict(arrowstyle="-", linewidth=0.4, color="grey") if abs(h - dy) > 1 else None)
     ax.set_xlabel("validation Model Utility / full model's")
     ax.set_ylabel("Forget Quality (KS p-value, log)")
     ax.set_title("TOFU forget01 (40 rows), SmolLM2-135M-Instruct: every sweep point, Pareto frontier per method")
@@ -1156,6 +1173,7 @@ def _plot_sweep(rep: dict, cfg: StudyConfig, path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    place_labels(ax, labels)  # after the layout: the boxes are measured where they will be drawn
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
