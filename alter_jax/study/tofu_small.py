@@ -593,7 +593,10 @@ def _plot(rows: dict[str, Any], path: Path, not_measurable: str | None = None) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    from alter_jax.study.plotting import place_labels
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)  # place_labels measures in the saved pixels
+    labels = []
     order = sorted(rows, key=lambda k: (rows[k].get("kind") == "reference", not rows[k].get("overrides")))
     for name in order:
         r = rows[name]
@@ -606,8 +609,7 @@ def _plot(rows: dict[str, Any], path: Path, not_measurable: str | None = None) -
         ax.scatter(r["model_utility"], fq, marker=marker, s=140 if marker == "*" else 55, zorder=3 if ref else 2,
                    facecolors="none" if variant else color, edgecolors=color, linewidths=1.3)
         if not variant or method in ("alter", "asymlora"):
-            ax.annotate(name, (r["model_utility"], fq), textcoords="offset points", xytext=(-6 if ref else 5, 5),
-                        ha="right" if ref else "left", fontsize=8)
+            labels.append((r["model_utility"], fq, name))
     ax.set_yscale("log")
     ax.axhline(0.05, color="gray", ls="--", lw=0.8, label="FQ = 0.05")
     if "full" in rows:
@@ -619,6 +621,7 @@ def _plot(rows: dict[str, Any], path: Path, not_measurable: str | None = None) -
     ax.set_title("TOFU small (tiny Llama from scratch): forget quality vs model utility" if not_measurable is None
                  else "pipeline check only: the full model has not learned its data", fontsize=10)
     fig.tight_layout()
+    place_labels(ax, labels, fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
