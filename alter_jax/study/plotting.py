@@ -24,22 +24,19 @@ def place_labels(ax, labels: Sequence[tuple[float, float, str]], fontsize: float
 
     placed: list = []
     for x, y, name in sorted(labels, key=lambda lab: ax.transData.transform(lab[:2])[1]):
-        dx, dy, ha = 6.0, 4.0, "left"
-        t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset pixels", fontsize=fontsize, ha=ha)
+        dx, dy = 6.0, 4.0
+        t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset pixels", fontsize=fontsize,
+                        arrowprops=dict(arrowstyle="-", linewidth=0.4, color="grey"))
         box = text_box(t)
         if box.x1 > right:
-            dx, ha = -6.0, "right"
-            t.set_horizontalalignment(ha)
+            dx = -6.0
+            t.set_horizontalalignment("right")
             t.set_position((dx, dy))
             box = text_box(t)
         while any(box.overlaps(b) for b in placed):
             dy += box.height + 1.0
             t.set_position((dx, dy))
             box = text_box(t)
-        if dy > 4.0:  # moved off its point: redraw with a leader line
-            t.remove()
-            t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset pixels", fontsize=fontsize, ha=ha,
-                            arrowprops=dict(arrowstyle="-", linewidth=0.4, color="grey"))
-            box = text_box(t)
+        t.arrow_patch.set_visible(dy > 4.0)  # the leader line only for a label moved off its point
         placed.append(box)
     return placed

@@ -864,8 +864,10 @@ def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
              "unlearn_steps": unlearn_steps(cfg),
              "unlearn_batch": f"{cfg.unlearn_batch} forget + {cfg.unlearn_batch} retain",
              "max_new_tokens": cfg.max_new_tokens, "select_new_tokens": cfg.select_new_tokens, "data_counts": data}
-    minutes = _stage_minutes(out)
-    return {"command": None, "written_by": None, "stage_commands": stage_commands(out), "scale": scale, **models,
+    stages = _stage_lines(out)
+    minutes = _stage_minutes(out, stages)
+    return {"command": None, "written_by": None, "stage_commands": stage_commands(out, stages), "scale": scale,
+            **models,
             "full_val": full_val, "methods": methods,
             "goal": goal_verdict(cfg, methods, models, sweeps), "missing": missing, "compute_minutes": minutes,
             "selection_rule": SELECTION_RULE,
@@ -873,33 +875,37 @@ def collect(cfg: StudyConfig, out: Path) -> dict[str, Any]:
 
 
 def design_command(command: str) -> str:
-    """``command`` without its session options (``--max-minutes``, ``--work-dir``, ``--only``, ``--models-from``,
-    ``--keep-runs``): the command that reproduces the whole study, however many sessions and workers ran it."""
-    valued, flags = ("--max-minutes", "--work-dir", "--only", "--models-from"), ("--keep-runs",)
-    words, kept, skip = command.split(), [], False
-    for w in words:
+    """``command`` without the options of :data:`SESSION_FIELDS` and ``--work-dir``: the command that
+    reproduces the whole study, however many sessions and workers ran it. A boolean field is a bare flag;
+    the others take a value (``--opt v`` or ``--opt=v``)."""
+    bare = {"--" + f.replace("_", "-"): isinstance(getattr(StudyConfig, f), bool)
+            for f in (*SESSION_FIELDS, "work_dir")}
+    kept, skip = [], False
+    for w in command.split():
+        opt = w.split("=", 1)[0]
         if skip:
             skip = False
-        elif w in valued:
-            skip = True
-        elif w not in flags and not w.startswith(tuple(f + "=" for f in valued)):
+        elif opt in bare:
+            skip = not bare[opt] and "=" not in w
+        else:
             kept.append(w)
     return " ".join(kept)
 
 
-def stage_commands(out: Path) -> list[str | None]:
-    """The distinct commands that ran the recorded stages, in first-use order (``stages.jsonl``); None for
-    stages recorded without one (before 2026-12-07)."""
+def _stage_lines(out: Path) -> list[dict]:
+    """``stages.jsonl``: one ``{stage, wall_s, at, command}`` per finished stage (older lines lack some keys)."""
     f = out / "stages.jsonl"
-    lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
-    return list(dict.fromkeys(r.get("command") for r in lines))
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
 
-def _stage_minutes(out: Path) -> float:
-    f = out / "stages.jsonl"
-    if not f.is_file():
-        return 0.0
-    return sum(json.loads(line)["wall_s"] for line in f.read_text().splitlines() if line.strip()) / 60.0
+def stage_commands(out: Path, lines: Sequence[dict] | None = None) -> list[str | None]:
+    """The distinct commands that ran the recorded stages, in first-use order; None for stages recorded
+    without one (before 2026-12-07)."""
+    return list(dict.fromkeys(r.get("command") for r in (_stage_lines(out) if lines is None else lines)))
+
+
+def _stage_minutes(out: Path, lines: Sequence[dict] | None = None) -> float:
+    return sum(r["wall_s"] for r in (_stage_lines(out) if lines is None else lines)) / 60.0
 
 
 SWEEP_KEYS = ("forget_quality", "model_utility", "mu_over_full_val", "forget_rouge", "forget_prob",
